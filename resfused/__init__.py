@@ -1,0 +1,15 @@
+"""resfused: fused BatchNorm + residual add + ReLU kernels for ResNets.
+
+    model = resfused.convert(torchvision.models.resnet50())
+"""
+
+from . import _backend
+from ._backend import available_backends, get_backend, set_backend
+from . import functional, nn, ops
+from .convert import convert, revert
+
+__version__ = "0.1.0"
+
+__all__ = ["available_backends", "convert", "functional", "get_backend", "nn", "ops", "revert", "set_backend"]
+
+_backend.warn_if_ext_missing()

@@ -1,0 +1,32 @@
+"""`python -m resfused`: versions, device, and which backends are available (and why not)."""
+
+import platform
+
+import torch
+
+import resfused
+from resfused import _backend
+
+
+def main() -> None:
+    print(f"resfused {resfused.__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda})")
+    try:
+        import triton
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed")
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        print(f"device: {props.name} (sm_{props.major}{props.minor}), cuDNN {torch.backends.cudnn.version()}")
+    else:
+        print("device: no CUDA device")
+    print(f"TRITON_INTERPRET={'1' if _backend.triton_interpreted() else 'unset'}; "
+          f"default backend: {resfused.get_backend()}")
+    for name in ("cuda", "triton", "reference"):
+        why = _backend.unavailable_reason(name)
+        print(f"  {name:9s} {'available' if why is None else 'unavailable: ' + why}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Backend selection: explicit argument > set_backend()/RESFUSED_BACKEND > auto.
+
+Backends:
+  reference  plain PyTorch, any device; the test oracle and the CPU fallback.
+  triton     resfused.triton_kernels; CUDA tensors, or CPU tensors when TRITON_INTERPRET=1.
+  cuda       resfused._C (CUDA C++); CUDA tensors of fp32/fp16/bf16.
+
+Only ``auto`` falls back; an explicitly requested backend that cannot run a call raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("resfused")
+
+BACKENDS = ("auto", "cuda", "triton", "reference")
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_selected: Optional[str] = None  # set_backend(); None means "use RESFUSED_BACKEND or auto"
+
+
+def _check_name(name: str, argname: str = "backend") -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{argname} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Set the process-wide default backend ("auto", "cuda", "triton", "reference"); None resets."""
+    global _selected
+    _selected = None if name is None else _check_name(name)
+
+
+def get_backend() -> str:
+    """The process-wide default backend name: set_backend() > RESFUSED_BACKEND > "auto"."""
+    if _selected is not None:
+        return _selected
+    env = os.environ.get("RESFUSED_BACKEND")
+    if env:
+        return _check_name(env, "RESFUSED_BACKEND")
+    return "auto"
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        importlib.import_module("resfused.triton_kernels.bn_add_relu")
+    except Exception as e:  # ImportError, or triton failing to initialise
+        return f"cannot import triton kernels: {type(e).__name__}: {e}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_ext_status() -> tuple[Optional[object], Optional[str]]:
+    """(module, None) when resfused._C loads, else (None, reason)."""
+    try:
+        mod = importlib.import_module("resfused._C")
+    except Exception as e:
+        return None, f"resfused._C is not importable ({type(e).__name__}: {e}); reinstall with a CUDA toolkit"
+    return mod, None
+
+
+def cuda_ext():
+    return _cuda_ext_status()[0]
+
+
+def unavailable_reason(name: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """None if backend ``name`` can run on (device, dtype); otherwise a sentence saying why not.
+
+    With device None, asks whether the backend is usable on this machine at all.
+    """
+    if name == "reference":
+        return None
+    if name == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if device is None:
+            if torch.cuda.is_available() or triton_interpreted():
+                return None
+            return "no CUDA device and TRITON_INTERPRET is not set"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreted():
+            return None
+        if device.type == "cpu":
+            return "the triton backend needs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1)"
+        return f"the triton backend does not support device type {device.type!r}"
+    if name == "cuda":
+        _, err = _cuda_ext_status()
+        if err:
+            return err
+        if device is None:
+            return None if torch.cuda.is_available() else "no CUDA device is available"
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got a {device.type} tensor"
+        if dtype is not None and dtype not in _CUDA_DTYPES:
+            return f"the cuda backend supports float32, float16 and bfloat16, got {dtype}"
+        return None
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def available_backends() -> list[str]:
+    """Backends usable on this machine (for some device), fastest first."""
+    return [b for b in ("cuda", "triton", "reference") if unavailable_reason(b) is None]
+
+
+_logged: set = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged:
+        _logged.add(msg)
+        logger.info(msg)
+
+
+def resolve(backend: Optional[str], tensor: torch.Tensor) -> str:
+    """The concrete backend that will run an op on ``tensor``.
+
+    ``backend`` None means the process default. ``auto`` picks cuda > triton > reference for CUDA
+    tensors and reference for CPU tensors; any other name must be usable or this raises.
+    """
+    name = get_backend() if backend is None else _check_name(backend)
+    if name != "auto":
+        why = unavailable_reason(name, tensor.device, tensor.dtype)
+        if why is not None:
+            raise RuntimeError(f"resfused backend {name!r} is unavailable: {why}")
+        return name
+    if tensor.device.type != "cuda":
+        return "reference"
+    for cand in ("cuda", "triton"):
+        why = unavailable_reason(cand, tensor.device, tensor.dtype)
+        if why is None:
+            return cand
+        _log_once(f"resfused: auto backend skips {cand!r}: {why}")
+    return "reference"
+
+
+_warned_missing_ext = False
+
+
+def warn_if_ext_missing() -> None:
+    """Warn once at import time when a CUDA device exists but resfused._C does not load."""
+    global _warned_missing_ext
+    if _warned_missing_ext:
+        return
+    _warned_missing_ext = True
+    try:
+        has_gpu = torch.cuda.is_available()
+    except Exception:
+        has_gpu = False
+    if has_gpu:
+        _, err = _cuda_ext_status()
+        if err:
+            warnings.warn(f"resfused: CUDA C++ backend unavailable, using Triton/reference: {err}. "
+                          "Run `python -m resfused` for details.", RuntimeWarning, stacklevel=3)

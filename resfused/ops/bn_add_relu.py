@@ -1,0 +1,244 @@
+"""Fused BatchNorm + residual add + ReLU: custom ops, fake implementations, autograd Function, dispatch.
+
+Three custom ops, each taking the concrete backend name as its last argument:
+  resfused::bn_add_relu_forward_train  -> (y, mask, mean, invstd); mutates running_mean/running_var
+  resfused::bn_add_relu_forward_eval   -> (y, mask)
+  resfused::bn_add_relu_backward       -> (grad_input, grad_residual, grad_weight, grad_bias)
+The backend functions they call share one contract, documented in resfused/reference/bn_add_relu.py.
+``batch_norm_add_relu`` validates arguments (clear errors, no state change on bad input), picks the
+backend and runs ``BatchNormAddReLUFunction``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from typing import Optional
+
+import torch
+
+from .. import _backend, _layout
+from ..reference import bn_add_relu as _reference
+
+Tensor = torch.Tensor
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _backend_impl(name: str):
+    """The module (or namespace) holding forward_train / forward_eval / backward for ``name``."""
+    if name == "reference":
+        return _reference
+    if name == "triton":
+        return importlib.import_module("resfused.triton_kernels.bn_add_relu")
+    if name == "cuda":
+        ops = torch.ops.resfused_cuda
+        return types.SimpleNamespace(forward_train=ops.bn_add_relu_forward_train,
+                                     forward_eval=ops.bn_add_relu_forward_eval,
+                                     backward=ops.bn_add_relu_backward)
+    raise ValueError(f"unknown resfused backend {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# custom ops
+# ---------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("resfused::bn_add_relu_forward_train", mutates_args=("running_mean", "running_var"))
+def bn_add_relu_forward_train(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                              bias: Optional[Tensor], running_mean: Optional[Tensor],
+                              running_var: Optional[Tensor], momentum: float, eps: float, relu: bool,
+                              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_backend_impl(backend).forward_train(x, residual, weight, bias, running_mean, running_var,
+                                                      momentum, eps, relu))
+
+
+@bn_add_relu_forward_train.register_fake
+def _(x, residual, weight, bias, running_mean, running_var, momentum, eps, relu, backend):
+    stats = _layout.stats_dtype(x.dtype)
+    c = x.shape[1]
+    return (torch.empty_like(x), _fake_mask(x, relu),
+            x.new_empty((c,), dtype=stats), x.new_empty((c,), dtype=stats))
+
+
+@torch.library.custom_op("resfused::bn_add_relu_forward_eval", mutates_args=())
+def bn_add_relu_forward_eval(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                             bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor, eps: float,
+                             relu: bool, save_mask: bool, backend: str) -> tuple[Tensor, Tensor]:
+    return tuple(_backend_impl(backend).forward_eval(x, residual, weight, bias, running_mean, running_var,
+                                                     eps, relu, save_mask))
+
+
+@bn_add_relu_forward_eval.register_fake
+def _(x, residual, weight, bias, running_mean, running_var, eps, relu, save_mask, backend):
+    return torch.empty_like(x), _fake_mask(x, relu and save_mask)
+
+
+@torch.library.custom_op("resfused::bn_add_relu_backward", mutates_args=())
+def bn_add_relu_backward(grad_out: Tensor, x: Tensor, mask: Tensor, mean: Tensor, invstd: Tensor,
+                         weight: Optional[Tensor], relu: bool, training: bool, need_input_grad: bool,
+                         need_residual_grad: bool, need_weight_grad: bool,
+                         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_backend_impl(backend).backward(grad_out, x, mask, mean, invstd, weight, relu, training,
+                                                 need_input_grad, need_residual_grad, need_weight_grad))
+
+
+@bn_add_relu_backward.register_fake
+def _(grad_out, x, mask, mean, invstd, weight, relu, training, need_input_grad, need_residual_grad,
+      need_weight_grad, backend):
+    c = x.shape[1]
+    empty_x = x.new_empty((0,))
+    stats = mean.new_empty((c,)) if need_weight_grad else mean.new_empty((0,))
+    return (torch.empty_like(x) if need_input_grad else empty_x,
+            torch.empty_like(x) if need_residual_grad else empty_x,
+            stats, stats.clone())
+
+
+def _fake_mask(x: Tensor, relu: bool) -> Tensor:
+    if not relu:
+        return _layout.empty_mask(x.device)
+    return x.new_empty(_layout.mask_shape(x.shape, _layout.layout_of(x)), dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------------------------------
+
+class BatchNormAddReLUFunction(torch.autograd.Function):
+    """y = relu(bn(x) + residual) composed from the custom ops above.
+
+    Arguments must already be validated and normalised (see ``batch_norm_add_relu``). Saves x, the
+    packed ReLU mask and the (C,) mean/invstd; never the pre-activation or the residual.
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu,
+                needs_grad, backend):
+        if training:
+            y, mask, mean, invstd = torch.ops.resfused.bn_add_relu_forward_train(
+                x, residual, weight, bias, running_mean, running_var, momentum, eps, relu, backend)
+        else:
+            y, mask = torch.ops.resfused.bn_add_relu_forward_eval(
+                x, residual, weight, bias, running_mean, running_var, eps, relu, needs_grad, backend)
+            mean = running_mean
+            invstd = torch.rsqrt(running_var + eps) if needs_grad else running_var
+        if needs_grad:
+            ctx.save_for_backward(x, mask, mean, invstd, weight)
+        ctx.training, ctx.relu, ctx.backend = training, relu, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, mask, mean, invstd, weight = ctx.saved_tensors
+        need_x, need_res, need_w, need_b = ctx.needs_input_grad[:4]
+        grad_y = grad_y.contiguous(memory_format=_layout.memory_format(_layout.layout_of(x)))
+        # Without a ReLU the residual's gradient is grad_y itself: no kernel writes it.
+        op_res = need_res and ctx.relu
+        grad_x, grad_res, grad_w, grad_b = torch.ops.resfused.bn_add_relu_backward(
+            grad_y, x, mask, mean, invstd, weight, ctx.relu, ctx.training, need_x, op_res, need_w or need_b,
+            ctx.backend)
+        if need_res and not ctx.relu:
+            grad_res = grad_y
+        return (grad_x if need_x else None, grad_res if need_res else None,
+                grad_w if need_w else None, grad_b if need_b else None,
+                None, None, None, None, None, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# public entry point
+# ---------------------------------------------------------------------------------------------------
+
+def _check_channel_vector(name: str, v: Optional[Tensor], c: int, device: torch.device) -> None:
+    if v is None:
+        return
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{name} must be a Tensor or None, got {type(v).__name__}")
+    if v.dim() != 1 or v.shape[0] != c:
+        raise ValueError(f"{name} must have shape ({c},) to match input's {c} channels, got {tuple(v.shape)}")
+    if not v.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
+    if v.device != device:
+        raise ValueError(f"{name} is on {v.device} but input is on {device}")
+
+
+def validate_args(input, residual, running_mean, running_var, weight, bias, training, momentum, eps):
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D (N, C, H, W), got {input.dim()}-D input of shape {tuple(input.shape)}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
+    c = input.shape[1]
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
+        if residual.shape != input.shape:
+            raise ValueError(f"residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != input.dtype:
+            raise TypeError(f"residual must have input's dtype {input.dtype}, got {residual.dtype}")
+        if residual.device != input.device:
+            raise ValueError(f"residual is on {residual.device} but input is on {input.device}")
+    for name, v in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        _check_channel_vector(name, v, c, input.device)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var must be given when training=False")
+    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
+        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if training and input.numel() // max(c, 1) <= 1 and input.numel() > 0:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+
+
+def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
+                        running_var: Optional[Tensor], weight: Optional[Tensor] = None,
+                        bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1,
+                        eps: float = 1e-5, relu: bool = True, backend: Optional[str] = None) -> Tensor:
+    """``relu(F.batch_norm(input, ...) + residual)`` in one fused pass, with F.batch_norm's side effects.
+
+    Args:
+        input: (N, C, H, W), float16/bfloat16/float32 (float64 on the reference and triton backends),
+            contiguous or channels_last. Other strides are copied to contiguous first.
+        residual: None or a tensor of input's shape, dtype and device; it is copied to input's memory
+            format if it is in the other one.
+        running_mean, running_var: None (batch statistics only) or (C,) tensors, updated in place when
+            ``training`` (unbiased variance, as torch). Required when ``training`` is False.
+        weight, bias: None or (C,) tensors. Statistics and affine math run in float32 (float64 for
+            float64 input); other parameter dtypes are cast, and running stats written back in their dtype.
+        relu: apply the ReLU (False gives ``bn(input) + residual``).
+        backend: "auto", "cuda", "triton", "reference", or None for resfused.get_backend().
+
+    Returns:
+        A tensor of input's shape, dtype and memory format.
+    """
+    validate_args(input, residual, running_mean, running_var, weight, bias, training, momentum, eps)
+    return run_validated(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu,
+                         _backend.resolve(backend, input))
+
+
+def run_validated(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu,
+                  backend):
+    """batch_norm_add_relu after validate_args and with a resolved backend name (for modules)."""
+    try:
+        layout = _layout.layout_of(input)
+    except ValueError:
+        input = input.contiguous()
+        layout = _layout.NCHW
+    if residual is not None:
+        residual = residual.contiguous(memory_format=_layout.memory_format(layout))
+    stats = _layout.stats_dtype(input.dtype)
+    weight = None if weight is None else weight.to(stats)
+    bias = None if bias is None else bias.to(stats)
+    run_mean = None if running_mean is None else running_mean.to(stats)
+    run_var = None if running_var is None else running_var.to(stats)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, residual, weight, bias))
+    y = BatchNormAddReLUFunction.apply(input, residual, weight, bias, run_mean, run_var, bool(training),
+                                       float(momentum), float(eps), bool(relu), needs_grad, backend)
+    if training:
+        for given, used in ((running_mean, run_mean), (running_var, run_var)):
+            if used is not given:
+                given.copy_(used)
+    return y

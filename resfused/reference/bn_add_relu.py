@@ -1,0 +1,111 @@
+"""Reference backend of the fused BatchNorm + residual add + ReLU op, in plain PyTorch.
+
+Every backend (reference, triton, cuda) implements these three functions with the same contract;
+resfused.ops.bn_add_relu validates and normalises arguments before calling them:
+  * ``x`` is a dense (N, C, H, W) tensor (fp32/fp16/bf16, fp64 for gradcheck), layout per
+    resfused._layout.layout_of; ``residual`` is None or has x's shape, dtype and layout.
+  * weight, bias, running_mean, running_var are None or length-C tensors of the statistics dtype
+    (fp64 for fp64 input, else fp32); running stats are updated in place.
+  * mean/invstd are statistics-dtype (C,) tensors; the ReLU mask is packed as in resfused._layout.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _layout
+
+Tensor = torch.Tensor
+
+
+def _per_channel(v: Optional[Tensor], like: Tensor, default: float) -> Tensor:
+    if v is None:
+        return torch.full((like.shape[1],), default, dtype=like.dtype, device=like.device)
+    return v.to(like.dtype)
+
+
+def _bcast(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def _apply(x: Tensor, residual: Optional[Tensor], scale: Tensor, shift: Tensor, relu: bool, want_mask: bool):
+    layout = _layout.layout_of(x)
+    acc = x.to(scale.dtype) * _bcast(scale) + _bcast(shift)
+    if residual is not None:
+        acc = acc + residual.to(acc.dtype)
+    mask = _layout.empty_mask(x.device)
+    if relu:
+        positive = acc > 0
+        if want_mask:
+            mask = _layout.pack_mask(positive, layout)
+        acc = torch.where(positive, acc, torch.zeros((), dtype=acc.dtype, device=acc.device))
+    return torch.empty_like(x).copy_(acc), mask
+
+
+def forward_train(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                  running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float, eps: float,
+                  relu: bool):
+    """Batch statistics, running-stats update, y = relu(a*x + b + residual). Returns (y, mask, mean, invstd)."""
+    xf = x.to(_layout.stats_dtype(x.dtype))
+    n = x.numel() // x.shape[1]
+    mean = xf.mean(dim=(0, 2, 3))
+    var = (xf - _bcast(mean)).square().sum(dim=(0, 2, 3)) / n
+    invstd = torch.rsqrt(var + eps)
+    if running_mean is not None:
+        running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+    if running_var is not None:
+        running_var.mul_(1 - momentum).add_(var * (n / max(n - 1, 1)), alpha=momentum)
+    w = _per_channel(weight, mean, 1.0)
+    b = _per_channel(bias, mean, 0.0)
+    scale = w * invstd
+    shift = b - mean * scale
+    y, mask = _apply(x, residual, scale, shift, relu, want_mask=True)
+    return y, mask, mean, invstd
+
+
+def forward_eval(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                 running_mean: Tensor, running_var: Tensor, eps: float, relu: bool, save_mask: bool):
+    """y = relu(a*x + b + residual) with a, b folded from the running stats. Returns (y, mask)."""
+    invstd = torch.rsqrt(running_var + eps)
+    w = _per_channel(weight, invstd, 1.0)
+    b = _per_channel(bias, invstd, 0.0)
+    scale = w * invstd
+    shift = b - running_mean * scale
+    return _apply(x, residual, scale, shift, relu, want_mask=save_mask)
+
+
+def backward(grad_out: Tensor, x: Tensor, mask: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+             relu: bool, training: bool, need_input_grad: bool, need_residual_grad: bool, need_weight_grad: bool):
+    """Gradients of y = relu(w*(x-mean)*invstd + b + residual).
+
+    Returns (grad_input, grad_residual, grad_weight, grad_bias); each is an empty tensor when not asked
+    for (grad_weight and grad_bias come together). ``training`` False means mean/invstd are constants
+    (running statistics), so grad_input = w*invstd*g.
+    """
+    layout = _layout.layout_of(x)
+    stats_dtype = mean.dtype
+    g = grad_out.to(stats_dtype)
+    if relu:
+        g = torch.where(_layout.unpack_mask(mask, x.shape, layout), g, torch.zeros((), dtype=g.dtype, device=g.device))
+    empty_x = torch.empty(0, dtype=x.dtype, device=x.device)
+    empty_s = torch.empty(0, dtype=stats_dtype, device=x.device)
+    grad_residual = torch.empty_like(x).copy_(g) if need_residual_grad else empty_x
+    grad_input, grad_weight, grad_bias = empty_x, empty_s, empty_s
+    if need_input_grad or need_weight_grad:
+        xhat = (x.to(stats_dtype) - _bcast(mean)) * _bcast(invstd)
+        sum_g = g.sum(dim=(0, 2, 3))
+        sum_gx = (g * xhat).sum(dim=(0, 2, 3))
+        if need_weight_grad:
+            grad_weight, grad_bias = sum_gx, sum_g
+        if need_input_grad:
+            w = _per_channel(weight, mean, 1.0)
+            k = _bcast(w * invstd)
+            if training:
+                n = x.numel() // x.shape[1]
+                dx = k * (g - _bcast(sum_g / n) - xhat * _bcast(sum_gx / n))
+            else:
+                dx = k * g
+            grad_input = torch.empty_like(x).copy_(dx)
+    return grad_input, grad_residual, grad_weight, grad_bias
