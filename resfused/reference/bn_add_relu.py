@@ -7,6 +7,9 @@ resfused.ops.bn_add_relu validates and normalises arguments before calling them:
   * weight, bias, running_mean, running_var are None or length-C tensors of the statistics dtype
     (fp64 for fp64 input, else fp32); running stats are updated in place.
   * mean/invstd are statistics-dtype (C,) tensors; the ReLU mask is packed as in resfused._layout.
+  * Normalisation is applied centred, (x - mean) * a + b with a = weight * invstd: folding the mean
+    into the shift cancels catastrophically for inputs far from zero (tests/test_bn_add_relu.py
+    test_large_mean catches it).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ Tensor = torch.Tensor
 
 def _per_channel(v: Optional[Tensor], like: Tensor, default: float) -> Tensor:
     if v is None:
-        return torch.full((like.shape[1],), default, dtype=like.dtype, device=like.device)
+        return torch.full_like(like, default)
     return v.to(like.dtype)
 
 
@@ -30,9 +33,12 @@ def _bcast(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
 
 
-def _apply(x: Tensor, residual: Optional[Tensor], scale: Tensor, shift: Tensor, relu: bool, want_mask: bool):
+def _apply(x: Tensor, residual: Optional[Tensor], mean: Tensor, scale: Tensor, shift: Tensor, relu: bool,
+           want_mask: bool):
+    # (x - mean) * scale + shift, never x * scale + (shift - mean * scale): for inputs far from zero
+    # (mean 1e4, unit spread) the folded form cancels catastrophically, the centred one is exact-ish.
     layout = _layout.layout_of(x)
-    acc = x.to(scale.dtype) * _bcast(scale) + _bcast(shift)
+    acc = (x.to(scale.dtype) - _bcast(mean)) * _bcast(scale) + _bcast(shift)
     if residual is not None:
         acc = acc + residual.to(acc.dtype)
     mask = _layout.empty_mask(x.device)
@@ -47,7 +53,9 @@ def _apply(x: Tensor, residual: Optional[Tensor], scale: Tensor, shift: Tensor, 
 def forward_train(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                   running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float, eps: float,
                   relu: bool):
-    """Batch statistics, running-stats update, y = relu(a*x + b + residual). Returns (y, mask, mean, invstd)."""
+    """Batch statistics, running-stats update, y = relu((x - mean)*a + b + residual).
+
+    Returns (y, mask, mean, invstd)."""
     xf = x.to(_layout.stats_dtype(x.dtype))
     n = x.numel() // x.shape[1]
     mean = xf.mean(dim=(0, 2, 3))
@@ -59,21 +67,17 @@ def forward_train(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor
         running_var.mul_(1 - momentum).add_(var * (n / max(n - 1, 1)), alpha=momentum)
     w = _per_channel(weight, mean, 1.0)
     b = _per_channel(bias, mean, 0.0)
-    scale = w * invstd
-    shift = b - mean * scale
-    y, mask = _apply(x, residual, scale, shift, relu, want_mask=True)
+    y, mask = _apply(x, residual, mean, w * invstd, b, relu, want_mask=True)
     return y, mask, mean, invstd
 
 
 def forward_eval(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                  running_mean: Tensor, running_var: Tensor, eps: float, relu: bool, save_mask: bool):
-    """y = relu(a*x + b + residual) with a, b folded from the running stats. Returns (y, mask)."""
+    """y = relu((x - running_mean)*a + b + residual), a = weight*rsqrt(running_var + eps). Returns (y, mask)."""
     invstd = torch.rsqrt(running_var + eps)
     w = _per_channel(weight, invstd, 1.0)
     b = _per_channel(bias, invstd, 0.0)
-    scale = w * invstd
-    shift = b - running_mean * scale
-    return _apply(x, residual, scale, shift, relu, want_mask=save_mask)
+    return _apply(x, residual, running_mean, w * invstd, b, relu, want_mask=save_mask)
 
 
 def backward(grad_out: Tensor, x: Tensor, mask: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
@@ -89,10 +93,11 @@ def backward(grad_out: Tensor, x: Tensor, mask: Tensor, mean: Tensor, invstd: Te
     g = grad_out.to(stats_dtype)
     if relu:
         g = torch.where(_layout.unpack_mask(mask, x.shape, layout), g, torch.zeros((), dtype=g.dtype, device=g.device))
-    empty_x = torch.empty(0, dtype=x.dtype, device=x.device)
-    empty_s = torch.empty(0, dtype=stats_dtype, device=x.device)
-    grad_residual = torch.empty_like(x).copy_(g) if need_residual_grad else empty_x
-    grad_input, grad_weight, grad_bias = empty_x, empty_s, empty_s
+    def empty(dtype):  # a fresh empty tensor for each output not asked for: outputs may not alias
+        return torch.empty(0, dtype=dtype, device=x.device)
+
+    grad_residual = torch.empty_like(x).copy_(g) if need_residual_grad else empty(x.dtype)
+    grad_input, grad_weight, grad_bias = empty(x.dtype), empty(stats_dtype), empty(stats_dtype)
     if need_input_grad or need_weight_grad:
         xhat = (x.to(stats_dtype) - _bcast(mean)) * _bcast(invstd)
         sum_g = g.sum(dim=(0, 2, 3))
