@@ -1,0 +1,76 @@
+"""Backend selection: explicit argument > set_backend() > RESFUSED_BACKEND > auto."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import resfused
+from resfused import _backend
+
+from conftest import DEVICE, HAS_CUDA
+
+
+def test_default_is_auto(monkeypatch):
+    monkeypatch.delenv("RESFUSED_BACKEND", raising=False)
+    assert resfused.get_backend() == "auto"
+
+
+def test_precedence(monkeypatch):
+    monkeypatch.setenv("RESFUSED_BACKEND", "reference")
+    assert resfused.get_backend() == "reference"
+    resfused.set_backend("auto")
+    assert resfused.get_backend() == "auto"  # set_backend beats the environment
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    assert _backend.resolve("reference", x) == "reference"  # an explicit argument beats both
+    resfused.set_backend(None)
+    assert resfused.get_backend() == "reference"
+
+
+def test_auto_on_cpu_tensors_is_reference():
+    assert _backend.resolve("auto", torch.randn(2, 3, 4, 4)) == "reference"
+
+
+@pytest.mark.cuda
+def test_auto_on_cuda_prefers_compiled_backends():
+    x = torch.randn(2, 3, 4, 4, device="cuda")
+    expected = "cuda" if "cuda" in resfused.available_backends() else "triton"
+    assert _backend.resolve("auto", x) == expected
+    # float64 is not supported by the cuda backend: auto falls back instead of failing
+    assert _backend.resolve("auto", x.double()) in ("triton", "reference")
+    if "cuda" in resfused.available_backends():
+        with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable: .*float64"):
+            _backend.resolve("cuda", x.double())
+
+
+def test_available_backends_lists_reference_and_triton_when_usable():
+    names = resfused.available_backends()
+    assert "reference" in names
+    if importlib.util.find_spec("triton") is not None and (HAS_CUDA or _backend.triton_interpreted()):
+        # The Triton kernels must import wherever triton does: CI runs them in the interpreter.
+        assert "triton" in names, _backend.unavailable_reason("triton")
+
+
+def test_python_m_resfused_reports_backends():
+    out = subprocess.run([sys.executable, "-m", "resfused"], capture_output=True, text=True, check=True).stdout
+    assert f"torch {torch.__version__}" in out
+    for name in ("cuda", "triton", "reference"):
+        assert f"  {name}" in out
+    if not HAS_CUDA:
+        assert "cuda      unavailable: " in out
+
+
+def test_module_backend_attribute_routes_calls(monkeypatch):
+    """A module's backend is used for its calls: route to a spy and check it was hit."""
+    from resfused.reference import bn_add_relu as ref
+
+    calls = []
+    real = ref.forward_train
+    monkeypatch.setattr(ref, "forward_train", lambda *a: calls.append(1) or real(*a))
+    bn = resfused.nn.BatchNormAddReLU2d(3, backend="reference").to(DEVICE)
+    bn(torch.randn(2, 3, 2, 2, device=DEVICE))
+    assert calls == [1]

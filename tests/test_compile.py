@@ -1,0 +1,62 @@
+"""torch.compile: converted models compile with fullgraph=True, one graph per train/eval mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+import resfused
+from resfused.functional import batch_norm_add_relu
+
+from conftest import DEVICE, usable_backends
+
+torchvision = pytest.importorskip("torchvision")
+
+
+@pytest.mark.parametrize("backend", usable_backends())
+def test_functional_fullgraph_matches_eager(backend):
+    def f(x, z, rm, rv, w, b):
+        return batch_norm_add_relu(x, z, rm, rv, w, b, training=True, backend=backend)
+
+    args = [torch.randn(2, 4, 3, 3, device=DEVICE), torch.randn(2, 4, 3, 3, device=DEVICE),
+            torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE), torch.rand(4, device=DEVICE),
+            torch.randn(4, device=DEVICE)]
+    eager_args = [a.clone() for a in args]
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*args), f(*eager_args))
+    # the running-stats mutation survives functionalization
+    torch.testing.assert_close(args[2], eager_args[2])
+    torch.testing.assert_close(args[3], eager_args[3])
+
+
+def test_converted_resnet_fullgraph_one_compile_per_mode():
+    model = resfused.convert(torchvision.models.resnet18(num_classes=10)).to(DEVICE)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    for mode in ("train", "eval", "train", "eval"):
+        model.train(mode == "train")
+        y = compiled(x)
+        if mode == "train":
+            y.sum().backward()
+    assert counter.frame_count == 2
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.cuda
+def test_inductor_training_step_matches_eager():
+    torch.manual_seed(0)
+    model = resfused.convert(torchvision.models.resnet18(num_classes=10)).cuda()
+    twin = resfused.convert(torchvision.models.resnet18(num_classes=10)).cuda()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(8, 3, 64, 64, device="cuda")
+    compiled = torch.compile(model, fullgraph=True)
+    compiled(x).sum().backward()
+    twin(x).sum().backward()
+    for (n, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-3, msg=n)
+    for (n, a), b in zip(model.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
