@@ -62,10 +62,11 @@ def pack_mask(positive: torch.Tensor, layout: str) -> torch.Tensor:
     """Pack a bool (N, C, H, W) tensor into the uint8 mask layout above."""
     rows = _as_rows(positive, layout)
     outer, inner = rows.shape
-    padded = torch.zeros(outer, ((inner + 7) // 8) * 8, dtype=torch.uint8, device=rows.device)
+    nbytes = (inner + 7) // 8
+    padded = torch.zeros(outer, nbytes * 8, dtype=torch.uint8, device=rows.device)
     padded[:, :inner] = rows
     weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=rows.device)
-    return (padded.view(outer, -1, 8) * weights).sum(dim=2, dtype=torch.uint8)
+    return (padded.view(outer, nbytes, 8) * weights).sum(dim=2, dtype=torch.uint8)
 
 
 def unpack_mask(mask: torch.Tensor, shape: torch.Size, layout: str) -> torch.Tensor:
@@ -73,7 +74,7 @@ def unpack_mask(mask: torch.Tensor, shape: torch.Size, layout: str) -> torch.Ten
     n, c, h, w = shape
     weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
     bits = (mask.unsqueeze(-1) & weights) != 0
-    bits = bits.reshape(mask.shape[0], -1)
+    bits = bits.reshape(mask.shape[0], mask.shape[1] * 8)
     if layout == CL:
         return bits[:, :c].reshape(n, h, w, c).permute(0, 3, 1, 2)
     return bits[:, : h * w].reshape(n, c, h, w)

@@ -262,3 +262,20 @@ def test_non_dense_input_is_copied_not_wrong():
     y = batch_norm_add_relu(x, z, None, None, training=True, backend="reference")
     y_ref = composite(x, z, None, None, None, None, True, 0.1, 1e-5, True)
     torch.testing.assert_close(y, y_ref)
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_matches_torch(backend, layout, relu):
+    """N == 0: an empty output, zero parameter gradients and, as in torch, running stats left untouched."""
+    x, z, weight, bias, rm, rv, _ = _inputs((0, 5, 3, 3), torch.float32, layout)
+    rm0, rv0 = rm.clone(), rv.clone()
+    leaves = [t.requires_grad_() for t in (x, z, weight, bias)]
+    y = batch_norm_add_relu(x, z, rm, rv, weight, bias, training=True, relu=relu, backend=backend)
+    want = torch.nn.functional.batch_norm(x.detach(), rm0.clone(), rv0.clone(), weight.detach(), bias.detach(), True)
+    assert y.shape == want.shape and y.is_contiguous(memory_format=LAYOUTS[layout])
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0), "an empty batch must not move the running stats"
+    gx, gz, gw, gb = torch.autograd.grad(y.sum(), leaves)
+    assert gx.shape == x.shape and gz.shape == z.shape
+    assert torch.equal(gw, torch.zeros_like(gw)) and torch.equal(gb, torch.zeros_like(gb))

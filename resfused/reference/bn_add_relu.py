@@ -61,9 +61,11 @@ def forward_train(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor
     mean = xf.mean(dim=(0, 2, 3))
     var = (xf - _bcast(mean)).square().sum(dim=(0, 2, 3)) / n
     invstd = torch.rsqrt(var + eps)
-    if running_mean is not None:
+    # An empty batch has no statistics (mean and invstd come out NaN, as in torch) and, as in torch,
+    # leaves the running statistics untouched.
+    if running_mean is not None and n > 0:
         running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-    if running_var is not None:
+    if running_var is not None and n > 0:
         running_var.mul_(1 - momentum).add_(var * (n / max(n - 1, 1)), alpha=momentum)
     w = _per_channel(weight, mean, 1.0)
     b = _per_channel(bias, mean, 0.0)
