@@ -10,7 +10,6 @@ Only ``auto`` falls back; an explicitly requested backend that cannot run a call
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import os
@@ -53,23 +52,39 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_import_errors: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def import_error(module: str) -> Optional[str]:
+    """None if ``module`` imports, else why not; cached per process.
+
+    Marked constant for torch.compile, so that resolving a backend inside a compiled region neither
+    traces importlib nor breaks the graph (tests/test_compile.py).
+    """
+    if module not in _import_errors:
+        try:
+            importlib.import_module(module)
+            _import_errors[module] = None
+        except Exception as e:  # ImportError, triton failing to initialise, a _C built for another torch
+            _import_errors[module] = f"{type(e).__name__}: {e}"
+    return _import_errors[module]
+
+
 def _triton_import_error() -> Optional[str]:
-    try:
-        importlib.import_module("resfused.triton_kernels.bn_add_relu")
-    except Exception as e:  # ImportError, or triton failing to initialise
-        return f"cannot import triton kernels: {type(e).__name__}: {e}"
-    return None
+    err = import_error("resfused.triton_kernels.bn_add_relu")
+    return None if err is None else f"cannot import triton kernels: {err}"
 
 
-@functools.lru_cache(maxsize=None)
+def _cuda_ext_error() -> Optional[str]:
+    err = import_error("resfused._C")
+    return None if err is None else f"resfused._C is not importable ({err}); reinstall with a CUDA toolkit"
+
+
 def _cuda_ext_status() -> tuple[Optional[object], Optional[str]]:
     """(module, None) when resfused._C loads, else (None, reason)."""
-    try:
-        mod = importlib.import_module("resfused._C")
-    except Exception as e:
-        return None, f"resfused._C is not importable ({type(e).__name__}: {e}); reinstall with a CUDA toolkit"
-    return mod, None
+    err = _cuda_ext_error()
+    return (None, err) if err else (importlib.import_module("resfused._C"), None)
 
 
 def cuda_ext():
@@ -99,7 +114,7 @@ def unavailable_reason(name: str, device: Optional[torch.device] = None, dtype: 
             return "the triton backend needs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1)"
         return f"the triton backend does not support device type {device.type!r}"
     if name == "cuda":
-        _, err = _cuda_ext_status()
+        err = _cuda_ext_error()
         if err:
             return err
         if device is None:

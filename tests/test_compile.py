@@ -30,6 +30,23 @@ def test_functional_fullgraph_matches_eager(backend):
     torch.testing.assert_close(args[3], eager_args[3])
 
 
+def test_backend_resolution_traces_without_graph_breaks():
+    """Resolving a backend for CUDA tensors inside a compiled region (auto, or an explicit name) probes
+    imports and the dispatcher: those probes are constants to dynamo, never traced (no graph break)."""
+    from resfused import _backend
+    from resfused.ops import conv_bias_act
+
+    cuda = torch.device("cuda")
+
+    def f(x):
+        reasons = [_backend.unavailable_reason(b, cuda, torch.float16) for b in ("cuda", "triton")]
+        reasons += [conv_bias_act.unavailable_reason(b, cuda, torch.float16) for b in ("cuda", "triton")]
+        return x + sum(r is None for r in reasons)
+
+    x = torch.zeros(3)
+    torch.testing.assert_close(torch.compile(f, backend="eager", fullgraph=True)(x), f(x))
+
+
 def test_converted_resnet_fullgraph_one_compile_per_mode():
     model = resfused.convert(torchvision.models.resnet18(num_classes=10)).to(DEVICE)
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
