@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import _backend
 from ..ops import bn_add_relu as _op
+from ..ops import sync_bn_add_relu as _sync_op
 
 
 class BatchNormAddReLU2d(nn.BatchNorm2d):
@@ -20,21 +21,36 @@ class BatchNormAddReLU2d(nn.BatchNorm2d):
     Args:
         relu: apply the ReLU (False gives ``bn(input) + residual``).
         backend: None (resfused.get_backend()), "auto", "cuda", "triton" or "reference".
+        process_group: None (never synchronised), a torch.distributed.ProcessGroup, or "world" (the
+            default group at each call, as nn.SyncBatchNorm's process_group=None). When set, training
+            forwards synchronise batch statistics across the group's ranks, as nn.SyncBatchNorm: only
+            while torch.distributed is initialised and the group has more than one rank; eval
+            forwards never do. Each rank's input needs more than one value per channel, or none.
+            See resfused.ops.sync_bn_add_relu.
 
     Shape: input (N, C, H, W), contiguous or channels_last, float16/bfloat16/float32; residual None or
     the same shape, dtype and device; output like input.
     """
 
+    # Class default: modules pickled before process_group existed load as unsynchronised.
+    process_group = None
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, relu: bool = True, device=None, dtype=None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, process_group=None):
+        _sync_op.check_process_group(process_group)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.relu = relu
         self.backend = None if backend is None else _backend._check_name(backend)
+        self.process_group = process_group
 
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d, relu: bool = True, backend: Optional[str] = None):
-        """A BatchNormAddReLU2d sharing ``bn``'s parameters and buffers (same tensor objects)."""
+        """A BatchNormAddReLU2d sharing ``bn``'s parameters and buffers (same tensor objects).
+
+        ``bn`` may be an nn.SyncBatchNorm: the new module synchronises over the same group ("world"
+        where bn.process_group is None).
+        """
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
@@ -45,13 +61,19 @@ class BatchNormAddReLU2d(nn.BatchNorm2d):
             new.register_buffer(name, getattr(bn, name))
         new.relu = relu
         new.backend = None if backend is None else _backend._check_name(backend)
+        if isinstance(bn, nn.SyncBatchNorm):
+            new.process_group = _sync_op.WORLD if bn.process_group is None else bn.process_group
         new.train(bn.training)
         return new
 
     def to_batchnorm(self) -> nn.BatchNorm2d:
-        """A plain nn.BatchNorm2d sharing this module's parameters and buffers."""
-        bn = nn.BatchNorm2d.__new__(nn.BatchNorm2d)
+        """A plain nn.BatchNorm2d sharing this module's parameters and buffers; an nn.SyncBatchNorm over the
+        same group when this module has a process_group."""
+        cls = nn.BatchNorm2d if self.process_group is None else nn.SyncBatchNorm
+        bn = cls.__new__(cls)
         nn.Module.__init__(bn)
+        if self.process_group is not None:
+            bn.process_group = None if isinstance(self.process_group, str) else self.process_group
         for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
             setattr(bn, attr, getattr(self, attr))
         for name in ("weight", "bias"):
@@ -63,9 +85,15 @@ class BatchNormAddReLU2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", relu={self.relu}"
+        if self.process_group is not None:
+            s += f", process_group={self.process_group!r}"
         return s if self.backend is None else s + f", backend={self.backend!r}"
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.process_group is not None and self.training:
+            resolved = _sync_op.resolve_group(self.process_group)
+            if resolved is not None:
+                return self._forward_synchronized(input, residual, *resolved)
         self._check_input_dim(input)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
@@ -81,3 +109,19 @@ class BatchNormAddReLU2d(nn.BatchNorm2d):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         return _op.run_validated(input, residual, running_mean, running_var, self.weight, self.bias, bn_training,
                                  factor, self.eps, self.relu, backend)
+
+    def _forward_synchronized(self, input, residual, group, world_size):
+        """Training forward with batch statistics over ``group`` (resfused.ops.sync_bn_add_relu)."""
+        self._check_input_dim(input)
+        running_mean = self.running_mean if self.track_running_stats else None
+        running_var = self.running_var if self.track_running_stats else None
+        # Validate (on this rank, before any collective) and resolve the backend before touching
+        # num_batches_tracked: bad input changes no state.
+        _op.validate_args(input, residual, running_mean, running_var, self.weight, self.bias, True, 0.0, self.eps)
+        backend = _backend.resolve(self.backend, input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return _sync_op.run_validated(input, residual, running_mean, running_var, self.weight, self.bias, factor,
+                                      self.eps, self.relu, backend, group, world_size)

@@ -1,0 +1,286 @@
+"""resfused.convert on timm ResNets (timm.models.resnet) and pre-activation ResNetV2s (timm.models.resnetv2):
+same outputs, gradients and running stats as stock timm; checkpoints both ways; non-plain blocks left alone."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+import resfused
+from resfused.nn import BatchNormAddReLU2d, TimmBasicBlock, TimmBottleneck
+
+from conftest import DEVICE, HAS_CUDA, usable_backends
+
+timm = pytest.importorskip("timm")
+from timm.layers import BatchNormAct2d, BlurPool2d, DropBlock2d, SyncBatchNormAct  # noqa: E402
+from timm.models import resnet as timm_resnet, resnetv2 as timm_resnetv2  # noqa: E402
+
+PLAIN = ["resnet18", "resnet50"]
+PREACT = ["resnetv2_18", "resnetv2_50"]
+MODELS = PLAIN + PREACT
+# Which blocks are swapped does not depend on the backend, and every backend is checked against the
+# reference op by op and on torchvision nets (tests/test_convert.py): on CPU (where the Triton
+# interpreter takes minutes per net) these run the reference backend; on a GPU every backend but cuda
+# (no float64 kernels).
+CASES = [(m, b) for m in MODELS for b in usable_backends() if b != "cuda" and (HAS_CUDA or b == "reference")]
+
+
+def _model(name, seed=0, **kw):
+    torch.manual_seed(seed)
+    if name in PREACT:
+        kw.setdefault("zero_init_last", False)  # else conv3/conv2 start at zero and block BN grads vanish
+    m = timm.create_model(name, pretrained=False, num_classes=10, **kw)
+    with torch.no_grad():  # non-trivial BN parameters and running stats
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+    return m.to(DEVICE)
+
+
+def _train_steps(model, x, target, steps=2, seed=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    outs = []
+    if seed is not None:
+        torch.manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(x)
+        nn.functional.cross_entropy(out.float(), target).backward()
+        outs.append(out.detach())
+        opt.step()
+    return outs, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _nrel(a, b):
+    b = b.detach().double()
+    return ((a.detach().double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _stock_blocks(model):
+    return [m for m in model.modules() if type(m) in (timm_resnet.BasicBlock, timm_resnet.Bottleneck)]
+
+
+def _fused_count(model):
+    return sum(isinstance(m, BatchNormAddReLU2d) for m in model.modules())
+
+
+# resnet18: 8 blocks x 2 BNs; resnet50: 16 x 3; resnetv2_18: 8 blocks x 2 pre-activation norms; resnetv2_50: 16 x 3
+FUSED_BNS = {"resnet18": 16, "resnet50": 48, "resnetv2_18": 16, "resnetv2_50": 48}
+
+
+def _assert_fully_converted(name, model):
+    assert _fused_count(model) == FUSED_BNS[name]
+    assert not _stock_blocks(model)
+    for block in model.modules():
+        if type(block) in (timm_resnetv2.PreActBasic, timm_resnetv2.PreActBottleneck):
+            assert not any(type(m) is BatchNormAct2d for m in block.modules())
+
+
+def _assert_state_close(ours, stock, tol):
+    sd = stock.state_dict()
+    assert list(ours.state_dict()) == list(sd)
+    for k, v in ours.state_dict().items():
+        if v.is_floating_point():
+            assert _nrel(v, sd[k]) < tol, k
+        else:
+            assert torch.equal(v, sd[k]), k
+
+
+@pytest.mark.parametrize("name,backend", CASES)
+def test_training_steps_match_stock_float64(name, backend):
+    """Two SGD steps in float64 (as tests/test_convert.py: no ReLU-mask flips at rounding level): outputs,
+    parameter gradients, parameters and BN buffers equal stock timm to 1e-6 (norm-relative)."""
+    torch.manual_seed(0)
+    # 32x32 (layer4 BNs see 4 values per channel): at 16x16 some layer3/4 channels of resnet50 reach BN
+    # with (near-)zero variance, where any two implementations' rounding differs at O(1) relative level
+    x = torch.randn(4, 3, 32, 32, device=DEVICE, dtype=torch.float64)
+    target = torch.randint(0, 10, (4,), device=DEVICE)
+    stock = _model(name).double()
+    ours = resfused.convert(_model(name).double(), backend=backend)
+    _assert_fully_converted(name, ours)
+    (outs_s, grads_s), (outs_o, grads_o) = _train_steps(stock, x, target), _train_steps(ours, x, target)
+    for step, (a, b) in enumerate(zip(outs_o, outs_s)):
+        assert _nrel(a, b) < 1e-6, f"output of step {step}"
+    for n, g in grads_o.items():
+        assert _nrel(g, grads_s[n]) < 1e-6, f"grad {n}"
+    _assert_state_close(ours, stock, 1e-6)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_eval_matches_stock(name):
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    stock = _model(name).eval()
+    ours = resfused.convert(_model(name), backend="reference").eval()
+    _assert_fully_converted(name, ours)
+    with torch.no_grad():
+        # norm-relative: fp32 rounding differences grow through 50 layers (measured ~1e-6 here); a wrong
+        # fusion gives O(1)
+        assert _nrel(ours(x), stock(x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_checkpoints_load_both_ways(name, tmp_path):
+    stock = _model(name)
+    ours = resfused.convert(_model(name, seed=1))
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    ours.load_state_dict(stock.state_dict())
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, stock.state_dict()[k]), k
+    fused = next(m for m in ours.modules() if isinstance(m, BatchNormAddReLU2d))
+    with torch.no_grad():
+        fused.running_mean.add_(1.0)
+    torch.save(ours.state_dict(), tmp_path / "ckpt.pt")
+    fresh = _model(name, seed=2)
+    fresh.load_state_dict(torch.load(tmp_path / "ckpt.pt"))
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, ours.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_revert(name):
+    model = _model(name)
+    params = {n: p for n, p in model.named_parameters()}
+    resfused.revert(resfused.convert(model))
+    assert _fused_count(model) == 0
+    assert {n: p for n, p in model.named_parameters()} == params  # the same tensor objects
+    types = lambda m: [type(s) for s in m.modules()]  # noqa: E731
+    assert types(model) == types(_model(name))
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), _model(name).eval()(x), rtol=0, atol=0)
+
+
+def test_fused_block_structure():
+    model = resfused.convert(_model("resnet50"))
+    block = model.layer1[0]
+    assert isinstance(block, TimmBottleneck)
+    assert [n for n, _ in block.named_children()] == ["conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample"]
+    assert type(block.downsample[1]) is nn.BatchNorm2d
+    assert isinstance(resfused.convert(_model("resnet18")).layer4[1], TimmBasicBlock)
+    v2 = resfused.convert(_model("resnetv2_50"))
+    pre = v2.stages[1].blocks[0]
+    assert type(pre) is timm_resnetv2.PreActBottleneck
+    assert [n for n, _ in pre.named_children()] == ["downsample", "norm1", "conv1", "norm2", "conv2", "norm3",
+                                                    "conv3", "drop_path"]
+    assert all(type(getattr(pre, f"norm{i}")) is BatchNormAddReLU2d for i in (1, 2, 3))
+    assert type(v2.norm) is BatchNormAct2d  # the final norm is not a block's pre-activation
+
+
+def _one_block_cases():
+    return {
+        "attention": (lambda: timm_resnet.BasicBlock(8, 8, attn_layer="se"), "attention module (se: SEModule)"),
+        "anti_aliasing": (lambda: timm_resnet.BasicBlock(8, 8, stride=2, aa_layer=BlurPool2d,
+                                                         downsample=nn.Conv2d(8, 8, 1, stride=2)),
+                          "anti-aliasing (aa: BlurPool2d)"),
+        "activation": (lambda: timm_resnet.Bottleneck(32, 8, act_layer=nn.SiLU), "activation act1 is SiLU, not ReLU"),
+        "norm": (lambda: timm_resnet.BasicBlock(8, 8, norm_layer=partial(nn.GroupNorm, 2)),
+                 "norm layer bn1 is GroupNorm"),
+        "drop_block": (lambda: timm_resnet.Bottleneck(32, 8, drop_block=partial(DropBlock2d, drop_prob=0.1)),
+                       "drop_block (DropBlock2d, drop_prob=0.1)"),
+        "drop_path": (lambda: timm_resnet.BasicBlock(8, 8, drop_path=timm.layers.DropPath(0.2)),
+                      "drop_path (DropPath, drop_prob=0.2), active in training; fusing the per-sample drop-path "
+                      "scale is not implemented"),
+        "preact_group_norm": (lambda: timm_resnetv2.PreActBottleneck(128, 128),
+                              "its norm layer norm1 is GroupNormAct, not BatchNormAct2d"),
+        "preact_activation": (lambda: timm_resnetv2.PreActBasic(
+                                  8, 8, norm_layer=partial(BatchNormAct2d, act_layer=nn.SiLU)),
+                              "norm layer norm1's activation is SiLU, not ReLU"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_one_block_cases()))
+def test_non_plain_block_left_alone_with_one_log_line(case, caplog):
+    make, why = _one_block_cases()[case]
+    block = make()
+    before = [type(m) for m in block.modules()]
+    with caplog.at_level(logging.INFO, logger="resfused"):
+        out = resfused.convert(nn.Sequential(block))
+    assert out[0] is block and [type(m) for m in block.modules()] == before
+    lines = [r.getMessage() for r in caplog.records if r.name == "resfused"]
+    assert len(lines) == 1, lines
+    assert f"leaving {type(block).__name__} unfused" in lines[0] and why in lines[0], lines[0]
+
+
+def test_seresnet18_left_alone(caplog):
+    model = timm.create_model("seresnet18", pretrained=False, num_classes=10)
+    with caplog.at_level(logging.INFO, logger="resfused"):
+        resfused.convert(model)
+    assert len(_stock_blocks(model)) == 8 and _fused_count(model) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "resfused"]
+    assert len(lines) == 8 and all("attention module (se: SEModule)" in line for line in lines), lines
+
+
+def test_drop_path_blocks_left_alone_and_model_trains_like_stock(caplog):
+    """drop_path_rate > 0: blocks with an active DropPath stay timm's (one log line each), the first block
+    (drop probability 0) is fused; with the same RNG seed the mixed model trains exactly like stock."""
+    with caplog.at_level(logging.INFO, logger="resfused"):
+        ours = resfused.convert(_model("resnet18", drop_path_rate=0.2).double(), backend="reference")
+    assert isinstance(ours.layer1[0], TimmBasicBlock)
+    assert len(_stock_blocks(ours)) == 7
+    lines = [r.getMessage() for r in caplog.records if r.name == "resfused"]
+    assert len(lines) == 7 and all("drop_path (DropPath" in line for line in lines), lines
+    stock = _model("resnet18", drop_path_rate=0.2).double()
+    x = torch.randn(4, 3, 16, 16, device=DEVICE, dtype=torch.float64)
+    target = torch.randint(0, 10, (4,), device=DEVICE)
+    (outs_s, grads_s), (outs_o, grads_o) = (_train_steps(stock, x, target, seed=3),
+                                            _train_steps(ours, x, target, seed=3))
+    for a, b in zip(outs_o, outs_s):
+        assert _nrel(a, b) < 1e-6
+    for n, g in grads_o.items():
+        assert _nrel(g, grads_s[n]) < 1e-6, n
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnetv2_18"])
+def test_syncbatchnorm_converted_and_reverted(name):
+    """timm.layers.convert_sync_batchnorm output: fused norms synchronise over "world" (SyncBatchNorm's
+    process_group=None); revert restores SyncBatchNorm / SyncBatchNormAct. Without torch.distributed
+    initialised both compute what stock computes."""
+    stock = _model(name).double()
+    model = timm.layers.convert_sync_batchnorm(_model(name).double())
+    resfused.convert(model, backend="reference")
+    _assert_fully_converted(name, model)
+    fused = [m for m in model.modules() if isinstance(m, BatchNormAddReLU2d)]
+    assert all(m.process_group == "world" for m in fused)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE, dtype=torch.float64)
+    torch.testing.assert_close(model(x), stock(x))
+    resfused.revert(model)
+    expected = SyncBatchNormAct if name in PREACT else nn.SyncBatchNorm
+    reverted = [m for m in model.modules() if type(m) is expected]
+    assert len(reverted) >= FUSED_BNS[name] and all(m.process_group is None for m in reverted)
+    assert _fused_count(model) == 0
+
+
+def test_fused_blocks_build_a_timm_resnet():
+    """TimmBasicBlock/TimmBottleneck accept timm's block arguments: ResNet(block=...) has stock's state_dict."""
+    for ours, theirs in ((TimmBasicBlock, timm_resnet.BasicBlock), (TimmBottleneck, timm_resnet.Bottleneck)):
+        a = timm_resnet.ResNet(block=ours, layers=(1, 1, 1, 1), num_classes=10)
+        b = timm_resnet.ResNet(block=theirs, layers=(1, 1, 1, 1), num_classes=10)
+        assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+        assert isinstance(a.layer2[0].bn2, BatchNormAddReLU2d)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(attn_layer="se"), "attn_layer must be None in a fused block"),
+    (dict(act_layer=nn.SiLU), "act_layer must be nn.ReLU"),
+    (dict(norm_layer=nn.GroupNorm), "norm_layer must be nn.BatchNorm2d"),
+    (dict(drop_path=nn.Identity()), "drop_path must be None in a fused block"),
+])
+def test_fused_block_rejects_non_plain_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TimmBasicBlock(8, 8, **kw)
+
+
+def test_resfused_does_not_import_timm():
+    code = ("import sys, torchvision, resfused; assert 'timm' not in sys.modules; "
+            "resfused.convert(torchvision.models.resnet18()); resfused.revert(torchvision.models.resnet18()); "
+            "assert 'timm' not in sys.modules, 'convert imported timm'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
