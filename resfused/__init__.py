@@ -7,9 +7,11 @@ from . import _backend
 from ._backend import available_backends, get_backend, set_backend
 from . import functional, nn, ops
 from .convert import convert, revert
+from .fuse import fuse_for_inference
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "convert", "functional", "get_backend", "nn", "ops", "revert", "set_backend"]
+__all__ = ["available_backends", "convert", "functional", "fuse_for_inference", "get_backend", "nn", "ops", "revert",
+           "set_backend"]
 
 _backend.warn_if_ext_missing()
