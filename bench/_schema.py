@@ -1,0 +1,117 @@
+"""The benchmark result document: schema, validation, derived columns, file names. No torch import,
+so bench/report.py runs wherever the JSON is.
+
+Schema (../shared/CONVENTIONS.md, Benchmarks): top-level device, torch, triton, cuda, cudnn, git_sha,
+timestamp, copy_bandwidth_GBps, rows; a row has suite ("kernel" or "model"), op, mode, impl, shape,
+dtype, layout, p20_ms, p50_ms, p80_ms and, where they apply, GBps (kernel rows), images_per_s and
+peak_mem_MiB (model rows). Added here: speedup_vs_eager and frac_copy_bw per row, and top-level
+``skipped`` (an implementation that could not run, with the reason and how many cases), ``errors``
+(a case that failed, with the message), ``checks`` and ``notes``, plus the run's settings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "bench" / "results"
+CPU_RESULTS_DIR = RESULTS_DIR / "cpu"  # CPU runs are not results to commit (bench/.gitignore)
+
+TOP_KEYS = ("device", "torch", "triton", "cuda", "cudnn", "git_sha", "timestamp", "copy_bandwidth_GBps", "rows")
+ROW_KEYS = ("suite", "op", "mode", "impl", "shape", "dtype", "layout", "p20_ms", "p50_ms", "p80_ms")
+SUITES = ("kernel", "model")
+
+CPU_NOTE = ("CPU run (no CUDA device): reference-path timings on small shapes. These are not GPU "
+            "performance numbers and say nothing about the CUDA or Triton kernels.")
+
+
+def add_skipped(doc: dict, suite: str, impl: str, reason: str, what: str = "") -> None:
+    """Record that ``impl`` did not run (once per suite/impl/reason, counting the cases)."""
+    for s in doc["skipped"]:
+        if (s["suite"], s["impl"], s["reason"]) == (suite, impl, reason):
+            s["cases"] += 1
+            return
+    doc["skipped"].append({"suite": suite, "impl": impl, "reason": reason, "cases": 1, "first_case": what})
+
+
+def add_error(doc: dict, fields: dict, exc: BaseException) -> None:
+    msg = f"{type(exc).__name__}: {exc}"
+    doc["errors"].append({**fields, "error": msg[:2000]})
+
+
+def _baseline_key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in ("suite", "op", "mode", "shape", "dtype", "layout"))
+
+
+def add_derived(doc: dict) -> None:
+    """Fill each row's speedup_vs_eager (eager p50 / this p50, same case) and, for rows with GBps,
+    frac_copy_bw (GBps / the copy bandwidth measured in the same run)."""
+    eager = {_baseline_key(r): r["p50_ms"] for r in doc["rows"] if r["impl"] == "eager"}
+    copy_bw = doc.get("copy_bandwidth_GBps")
+    for r in doc["rows"]:
+        base = eager.get(_baseline_key(r))
+        r["speedup_vs_eager"] = (base / r["p50_ms"]) if base and r["p50_ms"] > 0 else None
+        if r.get("GBps") is not None and copy_bw:
+            r["frac_copy_bw"] = r["GBps"] / copy_bw
+
+
+def validate(doc: dict) -> list[str]:
+    """Problems with a result document against the CONVENTIONS schema (empty when it is valid)."""
+    problems = [f"missing top-level key {k!r}" for k in TOP_KEYS if k not in doc]
+    rows = doc.get("rows")
+    if not isinstance(rows, list):
+        return problems + ["rows is not a list"]
+    for i, r in enumerate(rows):
+        missing = [k for k in ROW_KEYS if k not in r]
+        if missing:
+            problems.append(f"row {i} misses {missing}")
+            continue
+        if r["suite"] not in SUITES:
+            problems.append(f"row {i}: suite {r['suite']!r} is not one of {SUITES}")
+        ps = [r["p20_ms"], r["p50_ms"], r["p80_ms"]]
+        if not all(isinstance(p, (int, float)) and p > 0 for p in ps):
+            problems.append(f"row {i}: times must be positive numbers, got {ps}")
+        elif not ps[0] <= ps[1] <= ps[2]:
+            problems.append(f"row {i}: expected p20 <= p50 <= p80, got {ps}")
+        if r["suite"] == "kernel" and not isinstance(r.get("GBps"), (int, float)):
+            problems.append(f"row {i}: a kernel row needs GBps")
+        if r["suite"] == "model" and not isinstance(r.get("images_per_s"), (int, float)):
+            problems.append(f"row {i}: a model row needs images_per_s")
+    for k in ("skipped", "errors", "checks"):
+        if k in doc and not isinstance(doc[k], list):
+            problems.append(f"{k} is not a list")
+    return problems
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "device"
+
+
+def default_json_path(doc: dict, out_dir: Path, tag: str = "") -> Path:
+    stamp = doc["timestamp"].replace("-", "").replace(":", "")
+    dev = "cpu" if doc.get("device_type") == "cpu" else _slug(doc["device"].split(" (")[0])
+    return Path(out_dir) / f"{stamp}-{dev}{'-' + tag if tag else ''}.json"
+
+
+def write_result(doc: dict, path: Path) -> Path:
+    problems = validate(doc)
+    if problems:
+        raise ValueError("result document does not match the schema: " + "; ".join(problems[:5]))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_result(path: Path) -> dict:
+    doc = json.loads(Path(path).read_text())
+    problems = validate(doc)
+    if problems:
+        raise ValueError(f"{path}: not a benchmark result: " + "; ".join(problems[:5]))
+    return doc
+
+

@@ -1,0 +1,281 @@
+"""Model benchmarks: torchvision ResNet-50 on synthetic data, stock against resfused, eager and compiled.
+
+Configurations: bf16 autocast with channels_last activations and fp32 NCHW (model parameters fp32 in
+both), batch 256 at 224x224 by default. Modes:
+  train  one SGD step (momentum 0.9): forward, cross-entropy, backward, optimizer step, zero_grad.
+         images/s and peak memory (torch.cuda.max_memory_allocated over steady-state steps:
+         parameters, gradients, optimizer state and activations).
+  infer  eval-mode forward under torch.no_grad(); images/s.
+Each implementation is one MODEL_IMPLS line: a name (the row's impl), the mode, what to do to a fresh
+stock model, and whether to torch.compile it (inference compiles with Inductor's freezing). Later
+fusions (fuse_for_inference, convert(fuse_convs=True)) are one more line each.
+
+conversion_check() compares resfused.convert(resnet50) with stock on a small CPU input (reference
+backend): eval outputs in fp32, and a float64 training step (outputs, every gradient, running
+statistics), where the comparison is exact up to rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import gc
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _stock(model: nn.Module) -> nn.Module:
+    return model
+
+
+def _convert(model: nn.Module) -> nn.Module:
+    import resfused
+    return resfused.convert(model)
+
+
+def _needs_gpu(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return "CPU run: torch.compile of ResNet-50 is timed on a GPU only (Inductor's CPU compile takes minutes here)"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelImpl:
+    name: str                                       # the row's impl
+    mode: str                                       # "train" or "infer"
+    prepare: Callable[[nn.Module], nn.Module]      # applied to a fresh stock model on the device
+    compile: bool = False
+    unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
+    in_quick: bool = True                           # part of --quick (compiling ResNet-50 takes minutes)
+
+
+MODEL_IMPLS: list[ModelImpl] = [
+    ModelImpl("eager", "train", _stock),
+    ModelImpl("resfused", "train", _convert),
+    ModelImpl("compile", "train", _stock, compile=True, unavailable=_needs_gpu, in_quick=False),
+    ModelImpl("resfused-compile", "train", _convert, compile=True, unavailable=_needs_gpu, in_quick=False),
+    ModelImpl("eager", "infer", _stock),
+    ModelImpl("resfused", "infer", _convert),
+    ModelImpl("compile", "infer", _stock, compile=True, unavailable=_needs_gpu, in_quick=False),
+]
+
+MODEL_DTYPES = {  # name -> (row dtype, autocast dtype or None, layout)
+    "bf16": ("bf16-autocast", torch.bfloat16, "channels_last"),
+    "fp32": ("fp32", None, "nchw"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model: str = "resnet50"
+    batch: int = 256
+    image_size: int = 224
+    dtype: str = "bf16"
+    num_classes: int = 1000
+
+    @property
+    def row_dtype(self) -> str:
+        return MODEL_DTYPES[self.dtype][0]
+
+    @property
+    def amp_dtype(self) -> Optional[torch.dtype]:
+        return MODEL_DTYPES[self.dtype][1]
+
+    @property
+    def layout(self) -> str:
+        return MODEL_DTYPES[self.dtype][2]
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.layout == "channels_last" else torch.contiguous_format
+
+    @property
+    def shape_str(self) -> str:
+        return f"{self.batch}x3x{self.image_size}x{self.image_size}"
+
+    def row_fields(self, mode: str) -> dict:
+        return {"suite": "model", "op": self.model, "mode": mode, "shape": self.shape_str, "dtype": self.row_dtype,
+                "layout": self.layout}
+
+
+def build_model(cfg: ModelConfig, device: torch.device, seed: int = 0) -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, cfg.model)(num_classes=cfg.num_classes)
+    return model.to(device=device, memory_format=cfg.memory_format)
+
+
+def _autocast(cfg: ModelConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=cfg.amp_dtype or torch.float32, enabled=cfg.amp_dtype is not None)
+
+
+def make_model_step(impl: ModelImpl, cfg: ModelConfig, device: torch.device) -> tuple[Callable[[int], object], str]:
+    """(step(i), resfused backend or "") for ``impl`` on a fresh model with synthetic data."""
+    model = impl.prepare(build_model(cfg, device))
+    backend = ""
+    if impl.name.startswith("resfused"):
+        from resfused import _backend
+        probe = torch.empty(1, device=device, dtype=cfg.amp_dtype or torch.float32)
+        backend = _backend.resolve(None, probe)
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.empty(cfg.batch, 3, cfg.image_size, cfg.image_size, device=device,
+                    memory_format=cfg.memory_format).normal_(generator=gen)
+    target = torch.randint(0, cfg.num_classes, (cfg.batch,), device=device, generator=gen)
+    if impl.mode == "train":
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        run = torch.compile(model) if impl.compile else model
+
+        def step(i):
+            with _autocast(cfg, device):
+                out = run(x)
+            F.cross_entropy(out.float(), target).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    elif impl.mode == "infer":
+        model.eval()
+        run = torch.compile(model) if impl.compile else model
+
+        def step(i):
+            with torch.no_grad(), _autocast(cfg, device):
+                return run(x)
+    else:
+        raise ValueError(f"unknown model mode {impl.mode!r}")
+    return step, backend
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_model_suite(doc: dict, configs: Sequence[ModelConfig], impls: Sequence[ModelImpl], device: torch.device,
+                    timer, show_progress: bool = True, warmup_steps: int = 2) -> None:
+    """Time every (config, impl); rows carry images_per_s (and peak_mem_MiB on a GPU)."""
+    from . import _harness
+
+    work = [(cfg, impl) for cfg in configs for impl in impls]
+    for cfg, impl in _harness.progress(work, len(work), "model", show_progress):
+        fields = {**cfg.row_fields(impl.mode), "impl": impl.name}
+        why = impl.unavailable(device)
+        if why is not None:
+            _harness.add_skipped(doc, "model", impl.name, why, f"{impl.mode} {cfg.row_dtype}")
+            continue
+        step = None
+        try:
+            if impl.compile:
+                torch._dynamo.reset()
+            with _freezing() if impl.compile and impl.mode == "infer" else contextlib.nullcontext():
+                step, backend = make_model_step(impl, cfg, device)
+                for i in range(warmup_steps):  # compilation and autotuning before the peak-memory window
+                    step(i)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats(device)
+                t = timer(step, 1, key=(cfg, impl))
+                peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        except Exception as e:
+            _harness.add_error(doc, fields, e)
+            step = None
+            _free(device)
+            continue
+        step = None
+        row = {**fields, "p20_ms": t.p20_ms, "p50_ms": t.p50_ms, "p80_ms": t.p80_ms,
+               "images_per_s": cfg.batch / (t.p50_ms * 1e-3), "reps": t.reps, "device_type": device.type}
+        if peak is not None:
+            row["peak_mem_MiB"] = peak
+        if backend:
+            row["backend"] = backend
+        if impl.compile:
+            row["compile"] = "inductor, freezing" if impl.mode == "infer" else "inductor"
+        doc["rows"].append(row)
+        _free(device)
+
+
+def _freezing():
+    """Inductor's freezing (weights become constants, conv+BN folded) for inference compiles."""
+    import torch._inductor.config as inductor_config
+    return inductor_config.patch(freezing=True)
+
+
+def select_impls(names: Optional[Sequence[str]], modes: Sequence[str], quick: bool) -> tuple[list[ModelImpl], list]:
+    """(impls to run, [(impl, reason)] left out by --quick)."""
+    chosen, left_out = [], []
+    for impl in MODEL_IMPLS:
+        if impl.mode not in modes or (names and impl.name not in names):
+            continue
+        if quick and not impl.in_quick:
+            left_out.append((impl, "--quick: compiling ResNet-50 takes minutes; run without --quick"))
+            continue
+        chosen.append(impl)
+    return chosen, left_out
+
+
+# ---------------------------------------------------------------------------------------------------
+# conversion check
+# ---------------------------------------------------------------------------------------------------
+
+def _nrel(a: torch.Tensor, b: torch.Tensor) -> float:
+    b = b.detach().double()
+    return ((a.detach().double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _randomized(model: nn.Module) -> nn.Module:
+    with torch.no_grad():  # non-trivial BN parameters and running statistics
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def conversion_check(model_name: str = "resnet50", batch: int = 2, image_size: int = 64, backend: str = "reference",
+                     eval_tol: float = 1e-4, train_tol: float = 1e-6) -> dict:
+    """resfused.convert(model) against stock on CPU: eval outputs (fp32) and one float64 SGD step.
+
+    float64 keeps ReLU decisions within rounding of zero from flipping between implementations (in
+    fp32 such a flip in a deep net on a tiny input swamps the comparison), so the training check is a
+    tight one of the conversion's semantics."""
+    import torchvision
+    from torchvision.models import resnet
+
+    import resfused
+
+    torch.manual_seed(0)
+    stock = _randomized(getattr(torchvision.models, model_name)(num_classes=10))
+    ours = resfused.convert(copy.deepcopy(stock), backend=backend)
+    blocks = sum(isinstance(m, (resfused.nn.BasicBlock, resfused.nn.Bottleneck)) for m in ours.modules())
+    left = sum(isinstance(m, (resnet.BasicBlock, resnet.Bottleneck)) for m in ours.modules())
+    x = torch.randn(batch, 3, image_size, image_size)
+    errors = {}
+    stock.eval(), ours.eval()
+    with torch.no_grad():
+        errors["eval_output_fp32"] = _nrel(ours(x), stock(x))
+
+    stock64, ours64 = copy.deepcopy(stock).double().train(), copy.deepcopy(ours).double().train()
+    target = torch.randint(0, 10, (batch,))
+    outs = []
+    for m in (stock64, ours64):
+        out = m(x.double())
+        F.cross_entropy(out, target).backward()
+        outs.append(out)
+    errors["train_output_fp64"] = _nrel(outs[1], outs[0])
+    errors["train_grads_fp64"] = max(_nrel(a.grad, b.grad) for a, b in zip(ours64.parameters(), stock64.parameters()))
+    sd_s, sd_o = stock64.state_dict(), ours64.state_dict()
+    errors["running_stats_fp64"] = max(_nrel(sd_o[k], sd_s[k]) for k in sd_s if "running" in k)
+    counts_equal = all(torch.equal(sd_o[k], sd_s[k]) for k in sd_s if k.endswith("num_batches_tracked"))
+    tols = {"eval_output_fp32": eval_tol, "train_output_fp64": train_tol, "train_grads_fp64": train_tol,
+            "running_stats_fp64": train_tol}
+    passed = (blocks > 0 and left == 0 and counts_equal and list(sd_o) == list(sd_s)
+              and all(errors[k] <= tols[k] for k in errors))
+    return {"name": f"convert({model_name}) vs stock", "backend": backend, "device": "cpu", "passed": passed,
+            "input": f"{batch}x3x{image_size}x{image_size}", "blocks_converted": blocks, "blocks_left": left,
+            "num_batches_tracked_equal": counts_equal, "max_norm_rel_error": errors, "tolerance": tols}

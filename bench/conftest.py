@@ -1,0 +1,49 @@
+"""pytest-benchmark entry for the kernel suite (GPU; every case skips without one):
+
+    pytest bench/ --benchmark-only [--bench-quick] [--bench-batch N] [-k fp32]
+
+Collects the suites' bench_*.py files besides test_*.py. The cases are bench_bn_add_relu's: the full
+GPU selection, or with --bench-quick the subset `bench/run.py --quick` times; the implementations are
+eager, compile, resfused-cuda and resfused-triton (an unavailable one skips with its reason).
+pytest-benchmark times wall clock around a synchronized call; bench/run.py's CUDA-event timings
+are the numbers the reports use.
+"""
+
+import importlib.util
+
+import pytest
+
+HAVE_PYTEST_BENCHMARK = importlib.util.find_spec("pytest_benchmark") is not None
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("resfused bench")
+    group.addoption("--bench-quick", action="store_true", help="only the cases of `bench/run.py --quick`")
+    group.addoption("--bench-batch", type=int, default=None, help="batch size N of the kernel shapes (default 256)")
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        if not HAVE_PYTEST_BENCHMARK:
+            return None
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_report_header(config):
+    if not HAVE_PYTEST_BENCHMARK:
+        return "bench/: pytest-benchmark is not installed: the kernel benchmarks are not collected"
+    return None
+
+
+def pytest_generate_tests(metafunc):
+    from bench import bench_bn_add_relu as kernels
+
+    if "kernel_case" in metafunc.fixturenames:
+        sel = dict(kernels.SELECTIONS[(True, metafunc.config.getoption("--bench-quick"))])
+        if metafunc.config.getoption("--bench-batch"):
+            sel["batch"] = metafunc.config.getoption("--bench-batch")
+        cases = kernels.kernel_cases(**sel)
+        metafunc.parametrize("kernel_case", cases, ids=[c.id for c in cases])
+    if "kernel_impl" in metafunc.fixturenames:
+        metafunc.parametrize("kernel_impl", kernels.GPU_IMPLS)

@@ -1,0 +1,243 @@
+"""`make bench`: the kernel and model benchmarks on a GPU; the CPU-meaningful checks without one.
+
+    python bench/run.py [--quick] [--suite kernel|model|all] [--out DIR | --json PATH] [selection options]
+
+On a GPU: the kernel suite (bench_bn_add_relu.py: eager / compile / resfused-cuda / resfused-triton over
+ResNet-50's BN shapes) and the model suite (bench_resnet.py: ResNet-50 training and inference), one
+JSON into bench/results/ (or --out / --json), then bench/report.py's markdown and PNGs next to it.
+Without a GPU (or with --cpu): says so first, checks resfused.convert(resnet50) against stock on CPU
+(reference backend), times the reference path on small shapes labelled CPU, writes the JSON to
+bench/results/cpu/ (not committed) and exits 0 unless a check or a case failed.
+
+Exit status: 0 when every selected case ran or was skipped with a reason; 1 when a case failed or
+a check did not pass (the JSON and report are written either way); 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable as a package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+NO_GPU_BANNER = """\
+=====================================================================================================
+NO CUDA GPU ON THIS MACHINE: the kernel and model benchmarks need one and were NOT run.
+Running the CPU checks instead: resfused.convert(resnet50) against stock (reference backend), and
+reference-path timings on small shapes, labelled CPU. These are not performance numbers for the
+CUDA or Triton kernels. On a GPU machine: `make bench`, or bench/gpu_check.sh.
+====================================================================================================="""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Selections default to the full suite on a GPU (--quick: a subset) and "
+                                       "to small shapes on CPU.")
+    p.add_argument("--quick", action="store_true", help="a subset: 1 op, 2 shapes, bf16 and fp32; model suite "
+                   "in bf16 without the torch.compile rows")
+    p.add_argument("--suite", choices=("kernel", "model", "all"), default="all")
+    p.add_argument("--out", type=Path, default=None, help="directory for the JSON and report "
+                   "(default bench/results/, bench/results/cpu/ without a GPU)")
+    p.add_argument("--json", type=Path, default=None, help="exact path of the JSON (overrides --out)")
+    p.add_argument("--cpu", action="store_true", help="take the no-GPU path even where a GPU exists")
+    p.add_argument("--no-report", action="store_true", help="write only the JSON (bench/report.py makes the rest)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-check", action="store_true", help="do not compare each impl's result with eager first")
+    k = p.add_argument_group("kernel suite")
+    k.add_argument("--batch", type=int, help="N of the kernel shapes (default 256 on a GPU, 2 on CPU)")
+    k.add_argument("--ops", nargs="+", help="batch_norm_add_relu batch_norm_relu batch_norm_add batch_norm")
+    k.add_argument("--modes", nargs="+", help="train_fwd train_fwd_bwd eval_fwd")
+    k.add_argument("--shapes", nargs="+", help="CxHxW, e.g. 256x56x56 (default: ResNet-50's)")
+    k.add_argument("--dtypes", nargs="+", help="bf16 fp16 (channels_last) fp32 (NCHW)")
+    k.add_argument("--impls", nargs="+", help="eager compile resfused-cuda resfused-triton resfused-reference")
+    k.add_argument("--timer", choices=("events", "do_bench"), default="events",
+                   help="GPU timer: CUDA events with rotated inputs (default) or triton.testing.do_bench")
+    k.add_argument("--warmup-ms", type=float, help="GPU kernel warm-up per case (default 25, quick 10)")
+    k.add_argument("--rep-ms", type=float, help="GPU kernel measurement per case (default 100, quick 40)")
+    p.add_argument("--check-model", default="resnet50", help="model of the CPU conversion check (default resnet50; none: skip it)")
+    m = p.add_argument_group("model suite")
+    m.add_argument("--model", default="resnet50", help="torchvision model name")
+    m.add_argument("--model-batch", type=int, help="default 256 on a GPU, 2 on CPU")
+    m.add_argument("--image-size", type=int, help="default 224 on a GPU, 32 on CPU")
+    m.add_argument("--model-dtypes", nargs="+", choices=("bf16", "fp32"),
+                   help="bf16 (autocast, channels_last), fp32 (NCHW); default both on a GPU (--quick: bf16), "
+                        "fp32 on CPU")
+    m.add_argument("--model-modes", nargs="+", choices=("train", "infer"), default=("train", "infer"))
+    m.add_argument("--model-impls", nargs="+", help="names from bench_resnet.MODEL_IMPLS")
+    args = p.parse_args(argv)
+    return args
+
+
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(s.isdigit() and int(s) > 0 for s in parts):
+        raise ValueError(f"shape must be CxHxW with positive integers, got {text!r}")
+    return tuple(int(s) for s in parts)
+
+
+def _summary(doc: dict, files: list) -> str:
+    lines = []
+    kernel = [r for r in doc["rows"] if r["suite"] == "kernel" and r.get("speedup_vs_eager")]
+    by_impl: dict = {}
+    for r in kernel:
+        by_impl.setdefault((r["impl"], r["mode"]), []).append(r)
+    if by_impl:
+        lines.append(f"kernel suite ({doc['device']}): geometric-mean speedup vs eager, median of cases' GB/s")
+        for (impl, mode), rows in sorted(by_impl.items()):
+            gm = math.exp(sum(math.log(r["speedup_vs_eager"]) for r in rows) / len(rows))
+            gbps = sorted(r["GBps"] for r in rows)[len(rows) // 2]
+            lines.append(f"  {impl:20s} {mode:14s} {gm:6.2f}x  {gbps:8.1f} GB/s  ({len(rows)} cases)")
+    model = [r for r in doc["rows"] if r["suite"] == "model"]
+    if model:
+        lines.append(f"model suite ({model[0]['op']}, {model[0]['shape']}):")
+        for r in model:
+            mem = f"  peak {r['peak_mem_MiB']:.0f} MiB" if r.get("peak_mem_MiB") is not None else ""
+            sp = f"  {r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else ""
+            lines.append(f"  {r['mode']:5s} {r['dtype']:13s} {r['impl']:18s} {r['images_per_s']:9.1f} images/s{sp}{mem}")
+    for c in doc["checks"]:
+        lines.append(f"check {c['name']}: {'PASS' if c['passed'] else 'FAIL'}  {c['max_norm_rel_error']}")
+    for s in doc["skipped"]:
+        lines.append(f"not run: {s['suite']} {s['impl']} ({s['cases']} cases): {s['reason']}")
+    for e in doc["errors"][:10]:
+        where = " ".join(str(e.get(k, "")) for k in ("suite", "op", "mode", "impl", "shape", "dtype"))
+        lines.append(f"ERROR {where}: {e['error'][:300]}")
+    if len(doc["errors"]) > 10:
+        lines.append(f"... and {len(doc['errors']) - 10} more errors (see the JSON)")
+    lines += [f"wrote {f}" for f in files]
+    return "\n".join(lines)
+
+
+class _Terminated(BaseException):
+    """SIGTERM (e.g. from `timeout`): not an Exception, so the per-case handlers let it through."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    gpu = torch.cuda.is_available() and not args.cpu
+    if not gpu:
+        print(NO_GPU_BANNER, flush=True)
+
+    from bench import _harness
+    from bench import bench_bn_add_relu as kernels
+    from bench import bench_resnet as models
+
+    device = torch.device("cuda" if gpu else "cpu")
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+        print(f"resfused benchmarks on {_harness.device_name(device)}{' (--quick)' if args.quick else ''}", flush=True)
+
+    sel = dict(kernels.SELECTIONS[(gpu, args.quick)])
+    try:
+        for name in ("ops", "modes", "dtypes"):
+            if getattr(args, name):
+                sel[name] = tuple(getattr(args, name))
+        if args.shapes:
+            sel["shapes"] = tuple(_parse_shape(s) for s in args.shapes)
+        if args.batch:
+            sel["batch"] = args.batch
+        cases = kernels.kernel_cases(**sel)
+    except ValueError as e:
+        print(f"bench/run.py: {e}", file=sys.stderr)
+        return 2
+    impls = tuple(args.impls) if args.impls else (kernels.GPU_IMPLS if gpu else kernels.CPU_IMPLS)
+    unknown = [i for i in impls if i not in kernels.CPU_IMPLS]
+    unknown += [i for i in args.model_impls or () if i not in {m.name for m in models.MODEL_IMPLS}]
+    if unknown:
+        print(f"bench/run.py: unknown implementation(s) {unknown}; kernel: {list(kernels.CPU_IMPLS)}, "
+              f"model: {sorted({m.name for m in models.MODEL_IMPLS})}", file=sys.stderr)
+        return 2
+
+    if gpu:
+        warm = args.warmup_ms or (10.0 if args.quick else 25.0)
+        rep = args.rep_ms or (40.0 if args.quick else 100.0)
+        kernel_timer = (_harness.DoBenchTimer(warm, rep) if args.timer == "do_bench"
+                        else _harness.CudaEventTimer(warm, rep))
+        model_timer = _harness.CudaEventTimer(warmup_ms=300 if args.quick else 1000, rep_ms=1500 if args.quick else 4000,
+                                              min_reps=5 if args.quick else 10, max_reps=50, prefill=False)
+    else:
+        kernel_timer = _harness.WallTimer(warmup=1, min_reps=3, max_reps=20, budget_s=0.1 if args.quick else 0.15)
+        model_timer = _harness.WallTimer(warmup=0, min_reps=2, max_reps=3, budget_s=0.5)
+
+    model_cfgs = [models.ModelConfig(model=args.model, batch=args.model_batch or (256 if gpu else 2),
+                                     image_size=args.image_size or (224 if gpu else 32), dtype=dt)
+                  for dt in args.model_dtypes or ((("bf16",) if args.quick else ("bf16", "fp32")) if gpu else ("fp32",))]
+    model_impls, left_out = models.select_impls(args.model_impls, args.model_modes, args.quick)
+
+    copy_bw = _harness.copy_bandwidth_GBps(device, kernel_timer)
+    doc = _harness.new_result(
+        device, copy_bw, quick=args.quick, suite=args.suite, argv=list(sys.argv[1:] if argv is None else argv),
+        timer={"kernel": kernel_timer.describe(), "model": model_timer.describe()},
+        bytes_model=kernels.BYTES_MODEL, cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
+        kernel_selection={k: list(v) if isinstance(v, tuple) else v for k, v in sel.items()},
+        model_configs=[dataclasses.asdict(c) for c in model_cfgs])
+    print(f"copy bandwidth: {copy_bw:.1f} GB/s ({device.type})", flush=True)
+    if not gpu:
+        doc["notes"].append(_harness.CPU_NOTE)
+    if not gpu and args.check_model != "none":
+        print(f"conversion check: resfused.convert({args.check_model}) vs stock on CPU (reference backend) ...",
+              flush=True)
+        try:
+            check = models.conversion_check(model_name=args.check_model)
+        except Exception as e:
+            check = {"name": f"convert({args.check_model}) vs stock", "passed": False, "max_norm_rel_error": {},
+                     "error": f"{type(e).__name__}: {e}"}
+        doc["checks"].append(check)
+        print(f"  {'PASS' if check['passed'] else 'FAIL'}: {check.get('max_norm_rel_error')}", flush=True)
+
+    show = not args.no_progress
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        if args.suite in ("kernel", "all"):
+            kernels.run_kernel_suite(doc, cases, impls, device, kernel_timer, show_progress=show,
+                                     check=not args.no_check)
+        if args.suite in ("model", "all"):
+            for impl, reason in left_out:
+                for cfg in model_cfgs:
+                    _harness.add_skipped(doc, "model", impl.name, reason, f"{impl.mode} {cfg.row_dtype}")
+            models.run_model_suite(doc, model_cfgs, model_impls, device, model_timer, show_progress=show,
+                                   warmup_steps=2 if gpu else 1)
+    except (_Terminated, KeyboardInterrupt) as e:  # keep what was measured; the run still fails
+        what = "SIGTERM (a timeout?)" if isinstance(e, _Terminated) else "Ctrl-C"
+        doc["notes"].append(f"Interrupted by {what}: partial results.")
+        doc["errors"].append({"suite": "run", "error": f"interrupted by {what} after {len(doc['rows'])} rows"})
+        print(f"\ninterrupted by {what}: writing the {len(doc['rows'])} rows measured so far", file=sys.stderr)
+    except Exception as e:  # a bug outside the per-case handlers: keep the rows, report it, fail
+        traceback.print_exc()
+        doc["errors"].append({"suite": "run", "error": f"{type(e).__name__}: {e}"})
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+    _harness.add_derived(doc)
+    out_dir = args.out or (_harness.RESULTS_DIR if gpu else _harness.CPU_RESULTS_DIR)
+    path = args.json or _harness.default_json_path(doc, out_dir, "quick" if args.quick else "")
+    files = [_harness.write_result(doc, path)]
+    if not args.no_report:
+        from bench import report
+        try:
+            files += report.write_report(files[0])
+        except Exception as e:  # the JSON is the result; a failed plot must not lose it, but is reported
+            doc["errors"].append({"suite": "report", "error": f"{type(e).__name__}: {e}"})
+            print(f"report failed: {type(e).__name__}: {e}", file=sys.stderr)
+    print(_summary(doc, files), flush=True)
+    failed = bool(doc["errors"]) or not all(c["passed"] for c in doc["checks"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
