@@ -96,8 +96,8 @@ def _cuda_extension():
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")] + _wheel_cuda_includes(),
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"],
+            "cxx": ["-O3", "-std=c++20"],
+            "nvcc": ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"],
         },
     )
     return [ext], {"build_ext": Build.with_options(use_ninja=True)}
