@@ -89,14 +89,18 @@ _STOCK_CACHE: dict = {}
 
 
 def _stock(model, x, dtype):
-    """(float64 oracle, stock result in dtype), cached per (model, input, dtype). ``model`` is cast on copies."""
+    """(float64 oracle, stock result in dtype), cached per (model, input, dtype). ``model`` is cast on copies.
+
+    The cache holds the model itself: keyed by id() alone, a model freed by an earlier test could hand its
+    id, and so its cached results, to a new model."""
     key = (id(model), x.shape, x.stride(), x.sum().item(), dtype)
-    if key not in _STOCK_CACHE:
+    hit = _STOCK_CACHE.get(key)
+    if hit is None or hit[0] is not model:
         with torch.no_grad():
             ref = copy.deepcopy(model).double()(x.double())
             stock = copy.deepcopy(model).to(dtype)(x.to(dtype)) if dtype != torch.float32 else model(x)
-        _STOCK_CACHE[key] = ref, stock
-    return _STOCK_CACHE[key]
+        _STOCK_CACHE[key] = hit = (model, ref, stock)
+    return hit[1], hit[2]
 
 
 def _assert_matches_stock(fused, model, x, dtype, factor=4.0):
