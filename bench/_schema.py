@@ -4,7 +4,8 @@ so bench/report.py runs wherever the JSON is.
 Schema (../shared/CONVENTIONS.md, Benchmarks): top-level device, torch, triton, cuda, cudnn, git_sha,
 timestamp, copy_bandwidth_GBps, rows; a row has suite ("kernel" or "model"), op, mode, impl, shape,
 dtype, layout, p20_ms, p50_ms, p80_ms and, where they apply, GBps (kernel rows), images_per_s and
-peak_mem_MiB (model rows). Added here: speedup_vs_eager and frac_copy_bw per row, and top-level
+peak_mem_MiB (model rows). Added here: TFLOPS on the fused-conv kernel rows (ops in CONV_OPS), speedup_vs_eager
+and frac_copy_bw per row, speedup_vs_cudnn_fused on fused-conv rows, and top-level
 ``skipped`` (an implementation that could not run, with the reason and how many cases), ``errors``
 (a case that failed, with the message), ``checks`` and ``notes``, plus the run's settings.
 """
@@ -22,6 +23,8 @@ CPU_RESULTS_DIR = RESULTS_DIR / "cpu"  # CPU runs are not results to commit (ben
 TOP_KEYS = ("device", "torch", "triton", "cuda", "cudnn", "git_sha", "timestamp", "copy_bandwidth_GBps", "rows")
 ROW_KEYS = ("suite", "op", "mode", "impl", "shape", "dtype", "layout", "p20_ms", "p50_ms", "p80_ms")
 SUITES = ("kernel", "model")
+# The fused-conv kernel suite's ops (bench/bench_conv_bias_act.py): their rows also carry TFLOPS.
+CONV_OPS = ("conv_bias_relu", "conv_bias_add_relu", "conv_bias_shortcut_add_relu")
 
 CPU_NOTE = ("CPU run (no CUDA device): reference-path timings on small shapes. These are not GPU "
             "performance numbers and say nothing about the CUDA or Triton kernels.")
@@ -46,13 +49,18 @@ def _baseline_key(row: dict) -> tuple:
 
 
 def add_derived(doc: dict) -> None:
-    """Fill each row's speedup_vs_eager (eager p50 / this p50, same case) and, for rows with GBps,
-    frac_copy_bw (GBps / the copy bandwidth measured in the same run)."""
+    """Fill each row's speedup_vs_eager (eager p50 / this p50, same case), on fused-conv rows
+    speedup_vs_cudnn_fused (the same against torch.cudnn_convolution_add_relu's row) and, for rows with
+    GBps, frac_copy_bw (GBps / the copy bandwidth measured in the same run)."""
     eager = {_baseline_key(r): r["p50_ms"] for r in doc["rows"] if r["impl"] == "eager"}
+    fused = {_baseline_key(r): r["p50_ms"] for r in doc["rows"] if r["impl"] == "cudnn-fused"}
     copy_bw = doc.get("copy_bandwidth_GBps")
     for r in doc["rows"]:
         base = eager.get(_baseline_key(r))
         r["speedup_vs_eager"] = (base / r["p50_ms"]) if base and r["p50_ms"] > 0 else None
+        if r["suite"] == "kernel" and r["op"] in CONV_OPS:
+            base = fused.get(_baseline_key(r))
+            r["speedup_vs_cudnn_fused"] = (base / r["p50_ms"]) if base and r["p50_ms"] > 0 else None
         if r.get("GBps") is not None and copy_bw:
             r["frac_copy_bw"] = r["GBps"] / copy_bw
 
@@ -77,6 +85,8 @@ def validate(doc: dict) -> list[str]:
             problems.append(f"row {i}: expected p20 <= p50 <= p80, got {ps}")
         if r["suite"] == "kernel" and not isinstance(r.get("GBps"), (int, float)):
             problems.append(f"row {i}: a kernel row needs GBps")
+        if r["suite"] == "kernel" and r["op"] in CONV_OPS and not isinstance(r.get("TFLOPS"), (int, float)):
+            problems.append(f"row {i}: a fused-conv kernel row ({r['op']}) needs TFLOPS")
         if r["suite"] == "model" and not isinstance(r.get("images_per_s"), (int, float)):
             problems.append(f"row {i}: a model row needs images_per_s")
     for k in ("skipped", "errors", "checks"):

@@ -1,14 +1,24 @@
 """Model benchmarks: torchvision ResNet-50 on synthetic data, stock against resfused, eager and compiled.
 
-Configurations: bf16 autocast with channels_last activations and fp32 NCHW (model parameters fp32 in
-both), batch 256 at 224x224 by default. Modes:
+Configurations: bf16 with channels_last activations and fp32 NCHW, batch 256 at 224x224 by default. Stock
+models keep fp32 parameters and run bf16 under autocast; fuse_for_inference models are folded in fp32 and
+then cast to bf16 (parameters and input bf16; the row's param_dtype says which). Modes:
   train  one SGD step (momentum 0.9): forward, cross-entropy, backward, optimizer step, zero_grad.
          images/s and peak memory (torch.cuda.max_memory_allocated over steady-state steps:
          parameters, gradients, optimizer state and activations).
-  infer  eval-mode forward under torch.no_grad(); images/s.
+  infer  eval-mode forward under torch.no_grad(); images/s and peak memory. Before it is timed, each
+         implementation's logits are compared with the stock eval model's (same weights, same input).
 Each implementation is one MODEL_IMPLS line: a name (the row's impl), the mode, what to do to a fresh
-stock model, and whether to torch.compile it (inference compiles with Inductor's freezing). Later
-fusions (fuse_for_inference, convert(fuse_convs=True)) are one more line each.
+stock model, whether to torch.compile it and in which mode (inference compiles with Inductor's freezing,
+torch._inductor.config.freezing set and restored around the compile and the timing), the resfused
+backend it asks for, and whether --quick runs it:
+  eager, resfused (resfused.convert: fused BN + add + ReLU), compile, resfused-compile    train and infer
+  resfused-fused-{cuda,triton,reference}   resfused.fuse_for_inference(model, backend=...)     infer
+  compile (freezing, mode=default), compile-max-autotune (freezing, mode="max-autotune")      infer
+--quick leaves out the training compiles and compile-max-autotune (minutes of autotuning); its inference
+compile row is the default-mode one, labelled so in the row's ``compile`` field.
+The stock model's BatchNorms get non-trivial affine parameters and running statistics (as in
+conversion_check), so folding them is not a no-op.
 
 conversion_check() compares resfused.convert(resnet50) with stock on a small CPU input (reference
 backend): eval outputs in fp32, and a float64 training step (outputs, every gradient, running
@@ -20,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import gc
 from typing import Callable, Optional, Sequence
 
@@ -37,10 +48,26 @@ def _convert(model: nn.Module) -> nn.Module:
     return resfused.convert(model)
 
 
+def _fuse(model: nn.Module, backend: str) -> nn.Module:
+    import resfused
+    return resfused.fuse_for_inference(model, backend=backend)
+
+
 def _needs_gpu(device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         return "CPU run: torch.compile of ResNet-50 is timed on a GPU only (Inductor's CPU compile takes minutes here)"
     return None
+
+
+def _fused_unavailable(backend: str) -> Callable[[torch.device], Optional[str]]:
+    def why(device: torch.device) -> Optional[str]:
+        if backend == "reference" and device.type == "cuda":
+            return "the reference backend is the test oracle (F.conv2d + epilogue in fp32); not timed on a GPU"
+        if backend == "triton" and device.type == "cpu":
+            return "CPU run: the Triton backend runs on CPU only in the interpreter, a correctness tool; not timed"
+        from resfused.ops import conv_bias_act
+        return conv_bias_act.unavailable_reason(backend, device, torch.float32)
+    return why
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +78,16 @@ class ModelImpl:
     compile: bool = False
     unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
     in_quick: bool = True                           # part of --quick (compiling ResNet-50 takes minutes)
+    compile_mode: Optional[str] = None              # torch.compile(mode=...); None: the default mode
+    backend: Optional[str] = None                   # the resfused backend it asks for (the row's backend)
+    cast_params: bool = False                       # parameters and input in the config's dtype, not autocast
+    quick_reason: str = "--quick: compiling ResNet-50 takes minutes; run without --quick"
+
+    @property
+    def compile_label(self) -> str:
+        """What the row's ``compile`` field says: Inductor, freezing for inference, and the mode."""
+        freezing = ", freezing" if self.mode == "infer" else ""
+        return f"inductor{freezing}, mode={self.compile_mode or 'default'}"
 
 
 MODEL_IMPLS: list[ModelImpl] = [
@@ -60,7 +97,17 @@ MODEL_IMPLS: list[ModelImpl] = [
     ModelImpl("resfused-compile", "train", _convert, compile=True, unavailable=_needs_gpu, in_quick=False),
     ModelImpl("eager", "infer", _stock),
     ModelImpl("resfused", "infer", _convert),
-    ModelImpl("compile", "infer", _stock, compile=True, unavailable=_needs_gpu, in_quick=False),
+    ModelImpl("resfused-fused-cuda", "infer", functools.partial(_fuse, backend="cuda"), backend="cuda",
+              cast_params=True, unavailable=_fused_unavailable("cuda")),
+    ModelImpl("resfused-fused-triton", "infer", functools.partial(_fuse, backend="triton"), backend="triton",
+              cast_params=True, unavailable=_fused_unavailable("triton")),
+    ModelImpl("resfused-fused-reference", "infer", functools.partial(_fuse, backend="reference"),
+              backend="reference", cast_params=True, unavailable=_fused_unavailable("reference")),
+    ModelImpl("compile", "infer", _stock, compile=True, unavailable=_needs_gpu),
+    ModelImpl("compile-max-autotune", "infer", _stock, compile=True, compile_mode="max-autotune",
+              unavailable=_needs_gpu, in_quick=False,
+              quick_reason="--quick: mode=\"max-autotune\" autotunes every conv of ResNet-50 (minutes); the quick "
+                           "run's compile row is freezing with mode=default"),
 ]
 
 MODEL_DTYPES = {  # name -> (row dtype, autocast dtype or None, layout)
@@ -94,6 +141,11 @@ class ModelConfig:
         return torch.channels_last if self.layout == "channels_last" else torch.contiguous_format
 
     @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype an implementation with cast_params runs its parameters and input in."""
+        return self.amp_dtype or torch.float32
+
+    @property
     def shape_str(self) -> str:
         return f"{self.batch}x3x{self.image_size}x{self.image_size}"
 
@@ -106,7 +158,7 @@ def build_model(cfg: ModelConfig, device: torch.device, seed: int = 0) -> nn.Mod
     import torchvision
 
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, cfg.model)(num_classes=cfg.num_classes)
+    model = _randomized(getattr(torchvision.models, cfg.model)(num_classes=cfg.num_classes))
     return model.to(device=device, memory_format=cfg.memory_format)
 
 
@@ -114,22 +166,33 @@ def _autocast(cfg: ModelConfig, device: torch.device):
     return torch.autocast(device.type, dtype=cfg.amp_dtype or torch.float32, enabled=cfg.amp_dtype is not None)
 
 
-def make_model_step(impl: ModelImpl, cfg: ModelConfig, device: torch.device) -> tuple[Callable[[int], object], str]:
-    """(step(i), resfused backend or "") for ``impl`` on a fresh model with synthetic data."""
-    model = impl.prepare(build_model(cfg, device))
-    backend = ""
-    if impl.name.startswith("resfused"):
-        from resfused import _backend
-        probe = torch.empty(1, device=device, dtype=cfg.amp_dtype or torch.float32)
-        backend = _backend.resolve(None, probe)
+def _synthetic_batch(cfg: ModelConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator(device=device).manual_seed(1)
     x = torch.empty(cfg.batch, 3, cfg.image_size, cfg.image_size, device=device,
                     memory_format=cfg.memory_format).normal_(generator=gen)
     target = torch.randint(0, cfg.num_classes, (cfg.batch,), device=device, generator=gen)
+    return x, target
+
+
+def make_model_step(impl: ModelImpl, cfg: ModelConfig, device: torch.device) -> tuple[Callable[[int], object], str]:
+    """(step(i), resfused backend or "") for ``impl`` on a fresh model with synthetic data. An infer step
+    returns the logits."""
+    model = impl.prepare(build_model(cfg, device))
+    backend = ""
+    if impl.backend is not None:
+        backend = impl.backend
+    elif impl.name.startswith("resfused"):
+        from resfused import _backend
+        probe = torch.empty(1, device=device, dtype=cfg.amp_dtype or torch.float32)
+        backend = _backend.resolve(None, probe)
+    x, target = _synthetic_batch(cfg, device)
+    if impl.cast_params:
+        model = model.to(cfg.param_dtype)
+        x = x.to(cfg.param_dtype)
     if impl.mode == "train":
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        run = torch.compile(model) if impl.compile else model
+        run = torch.compile(model, mode=impl.compile_mode) if impl.compile else model
 
         def step(i):
             with _autocast(cfg, device):
@@ -139,7 +202,7 @@ def make_model_step(impl: ModelImpl, cfg: ModelConfig, device: torch.device) -> 
             opt.zero_grad(set_to_none=True)
     elif impl.mode == "infer":
         model.eval()
-        run = torch.compile(model) if impl.compile else model
+        run = torch.compile(model, mode=impl.compile_mode) if impl.compile else model
 
         def step(i):
             with torch.no_grad(), _autocast(cfg, device):
@@ -155,12 +218,36 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+# Norm-relative tolerance of an implementation's logits against the stock eval model's: bf16 rounds every
+# layer's output (the fused model also rounds its folded weights), fp32 convs run TF32 by default; a wrong
+# kernel (a missing bias, residual or shortcut) is off by O(1).
+MODEL_CHECK_TOL = {"bf16": 1e-1, "fp32": 2e-2}
+
+
+def reference_logits(cfg: ModelConfig, device: torch.device) -> torch.Tensor:
+    """The stock model's eval logits on the suite's input (what every infer impl is checked against)."""
+    model = build_model(cfg, device).eval()
+    x, _ = _synthetic_batch(cfg, device)
+    with torch.no_grad(), _autocast(cfg, device):
+        out = model(x).detach().float()
+    del model
+    _free(device)
+    return out
+
+
+def _nrel32(a: torch.Tensor, b: torch.Tensor) -> float:
+    b = b.detach().float()
+    return ((a.detach().float() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def run_model_suite(doc: dict, configs: Sequence[ModelConfig], impls: Sequence[ModelImpl], device: torch.device,
-                    timer, show_progress: bool = True, warmup_steps: int = 2) -> None:
-    """Time every (config, impl); rows carry images_per_s (and peak_mem_MiB on a GPU)."""
+                    timer, show_progress: bool = True, warmup_steps: int = 2, check: bool = True) -> None:
+    """Time every (config, impl); rows carry images_per_s (and peak_mem_MiB on a GPU). With ``check``, an
+    infer impl whose logits differ from the stock model's by more than MODEL_CHECK_TOL is an error, not timed."""
     from . import _harness
 
     work = [(cfg, impl) for cfg in configs for impl in impls]
+    refs: dict = {}
     for cfg, impl in _harness.progress(work, len(work), "model", show_progress):
         fields = {**cfg.row_fields(impl.mode), "impl": impl.name}
         why = impl.unavailable(device)
@@ -169,12 +256,21 @@ def run_model_suite(doc: dict, configs: Sequence[ModelConfig], impls: Sequence[M
             continue
         step = None
         try:
+            if check and impl.mode == "infer" and cfg not in refs:
+                refs.clear()  # one config's reference at a time
+                refs[cfg] = reference_logits(cfg, device)
             if impl.compile:
                 torch._dynamo.reset()
             with _freezing() if impl.compile and impl.mode == "infer" else contextlib.nullcontext():
                 step, backend = make_model_step(impl, cfg, device)
-                for i in range(warmup_steps):  # compilation and autotuning before the peak-memory window
-                    step(i)
+                for i in range(max(1, warmup_steps)):  # compilation and autotuning before the peak-memory window
+                    out = step(i)
+                    if i == 0 and check and impl.mode == "infer":
+                        err = _nrel32(out, refs[cfg])
+                        if not err <= MODEL_CHECK_TOL[cfg.dtype]:
+                            raise AssertionError(f"logits differ from the stock eval model's: norm-relative "
+                                                 f"{err:.3g} > {MODEL_CHECK_TOL[cfg.dtype]:g}; not timed")
+                    out = None
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats(device)
@@ -182,18 +278,21 @@ def run_model_suite(doc: dict, configs: Sequence[ModelConfig], impls: Sequence[M
                 peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         except Exception as e:
             _harness.add_error(doc, fields, e)
-            step = None
+            step = out = None
             _free(device)
             continue
         step = None
         row = {**fields, "p20_ms": t.p20_ms, "p50_ms": t.p50_ms, "p80_ms": t.p80_ms,
-               "images_per_s": cfg.batch / (t.p50_ms * 1e-3), "reps": t.reps, "device_type": device.type}
+               "images_per_s": cfg.batch / (t.p50_ms * 1e-3), "reps": t.reps, "device_type": device.type,
+               "param_dtype": str(cfg.param_dtype if impl.cast_params else torch.float32).replace("torch.", "")}
         if peak is not None:
             row["peak_mem_MiB"] = peak
         if backend:
             row["backend"] = backend
         if impl.compile:
-            row["compile"] = "inductor, freezing" if impl.mode == "infer" else "inductor"
+            row["compile"] = impl.compile_label
+        if check and impl.mode == "infer":
+            row["checked_nrel"] = err
         doc["rows"].append(row)
         _free(device)
 
@@ -211,7 +310,7 @@ def select_impls(names: Optional[Sequence[str]], modes: Sequence[str], quick: bo
         if impl.mode not in modes or (names and impl.name not in names):
             continue
         if quick and not impl.in_quick:
-            left_out.append((impl, "--quick: compiling ResNet-50 takes minutes; run without --quick"))
+            left_out.append((impl, impl.quick_reason))
             continue
         chosen.append(impl)
     return chosen, left_out

@@ -12,11 +12,15 @@
 #   tests         pytest tests (all of them; the cuda-marked ones run on a GPU)
 #   memcheck      compute-sanitizer --tool memcheck on bench/sanitize_case.py (caching allocator off)
 #   racecheck     compute-sanitizer --tool racecheck on bench/sanitize_case.py
-#   bench         python bench/run.py --quick (kernel + model suites) -> JSON
-#   report        python bench/report.py on that JSON -> markdown + 2 PNGs
+#   bench         python bench/run.py --quick -> JSON: BN kernels (1 op, 2 shapes, bf16 + fp32), ResNet-50
+#                 bf16 model rows (train: eager, resfused; infer: eager, resfused, fuse_for_inference on the
+#                 cuda and triton backends, torch.compile with freezing in mode=default), fused-conv kernels
+#                 (3 ResNet-50 convs, bf16: eager, cudnn-fused, compile, resfused-cuda, resfused-triton)
+#   report        python bench/report.py on that JSON -> markdown + 3 PNGs
 #   pytest-bench  pytest bench --benchmark-only on one small case (the pytest-benchmark entry works)
 # Output, in $OUT if set, else bench/results/ (few files, for tools that fetch at most 8):
-#   <stamp>-gpu-check.log (every step's output), <stamp>-gpu-quick.json, .md, -speedup.png, -copy-bw.png
+#   <stamp>-gpu-check.log (every step's output), <stamp>-gpu-quick.json, .md, -speedup.png, -copy-bw.png,
+#   -conv-speedup.png
 # The step table is printed last. Exit status: 0 when every step passed, 1 otherwise, 2 for bad usage.
 #
 # --dry-run (any machine, seconds): runs no step; checks that each step's tools and files exist
@@ -178,7 +182,7 @@ else
       selected "$s" && record "$s" "FAIL" 0 "$( [ -x "$SANITIZER" ] || printf 'no compute-sanitizer at %s; ' "$SANITIZER")$( [ -f "$SANITIZE_CASE" ] || printf '%s not found' "$SANITIZE_CASE")"
     done
   fi
-  run_step bench 180 25 "$PY" bench/run.py --quick --no-report --no-progress --json "$JSON"
+  run_step bench 240 25 "$PY" bench/run.py --quick --no-report --no-progress --json "$JSON"
   if [ -f "$JSON" ]; then
     run_step report 30 0 "$PY" bench/report.py "$JSON"
   elif selected report; then

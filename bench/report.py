@@ -2,9 +2,11 @@
 
     python bench/report.py [RESULT.json ...] [--out DIR]     (no argument: the newest in bench/results/)
 
-For RESULT.json writes RESULT.md, and for kernel rows RESULT-speedup.png (median speedup over eager
+For RESULT.json writes RESULT.md, and for the BN kernel rows RESULT-speedup.png (median speedup over eager
 per shape and implementation) and RESULT-copy-bw.png (effective GB/s as a fraction of the copy
-bandwidth measured in the same run). Without matplotlib the markdown says the plots were not made.
+bandwidth measured in the same run), and for the fused-conv kernel rows RESULT-conv-speedup.png (median
+speedup over eager per ResNet-50 conv and implementation). Without matplotlib the markdown says the plots
+were not made.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ if __package__ in (None, ""):
 
 from bench import _schema  # noqa: E402  (no torch: reports render wherever the JSON is)
 
-IMPL_ORDER = ("eager", "compile", "resfused-cuda", "resfused-triton", "resfused-reference", "resfused",
-              "resfused-compile")
+IMPL_ORDER = ("eager", "cudnn-fused", "compile", "compile-max-autotune", "resfused-cuda", "resfused-triton",
+              "resfused-reference", "resfused", "resfused-compile", "resfused-fused-cuda", "resfused-fused-triton",
+              "resfused-fused-reference")
 MODE_ORDER = ("train_fwd", "train_fwd_bwd", "eval_fwd", "train", "infer")
 
 
@@ -93,14 +96,21 @@ def markdown(doc: dict, source: str = "", plots: tuple = ()) -> str:
             out.append(f"| {s['suite']} | {s['impl']} | {s['cases']} | {s['reason']} |")
         out.append("")
 
-    kernel = [r for r in rows if r["suite"] == "kernel"]
+    kernel = [r for r in rows if r["suite"] == "kernel" and r["op"] not in _schema.CONV_OPS]
+    conv = [r for r in rows if r["suite"] == "kernel" and r["op"] in _schema.CONV_OPS]
+    bn_plots = tuple(p for p in plots if not Path(p).stem.endswith("-conv-speedup"))
+    conv_plots = tuple(p for p in plots if Path(p).stem.endswith("-conv-speedup"))
     if kernel:
-        out += _kernel_sections(doc, kernel, plots)
+        out += _kernel_sections(doc, kernel, bn_plots)
     model = [r for r in rows if r["suite"] == "model"]
     if model:
         out += _model_section(model)
+    if conv:
+        out += _conv_section(conv, conv_plots)
     if doc.get("bytes_model") and kernel:
         out += ["## Bytes model", "", "```", doc["bytes_model"], "```", ""]
+    if doc.get("conv_model") and conv:
+        out += ["## Fused conv: FLOP and bytes model", "", "```", doc["conv_model"], "```", ""]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -149,6 +159,55 @@ def _kernel_sections(doc: dict, kernel: list, plots: tuple) -> list:
     return out
 
 
+def _conv_section(conv: list, plots: tuple) -> list:
+    out = ["## Fused conv (conv_bias_act)", "",
+           "eager: cuDNN conv + separate bias, add, ReLU; cudnn-fused: torch.cudnn_convolution_add_relu / "
+           "torch.cudnn_convolution_relu. Geometric mean over the cases of each implementation's speedup against "
+           "eager / against cudnn-fused (median times; cases counted):", ""]
+    impls = _order([r["impl"] for r in conv], IMPL_ORDER)
+    out += ["| dtype | layout | " + " | ".join(impls) + " |", "| --- | --- |" + " --- |" * len(impls)]
+    for dtype, layout in dict.fromkeys((r["dtype"], r["layout"]) for r in conv):
+        cells = []
+        for impl in impls:
+            sub = [r for r in conv if (r["dtype"], r["layout"], r["impl"]) == (dtype, layout, impl)]
+            g = _geomean([r.get("speedup_vs_eager") for r in sub])
+            f = _geomean([r.get("speedup_vs_cudnn_fused") for r in sub])
+            vs = " / ".join(f"{x:.2f}x" if x else "—" for x in (g, f))
+            cells.append(f"{vs} ({len(sub)})" if sub else "—")
+        out.append(f"| {dtype} | {layout} | " + " | ".join(cells) + " |")
+    out.append("")
+    for p in plots:
+        out += [f"![{Path(p).stem}]({Path(p).name})", ""]
+    out += ["Cells: median ms [p20–p80], TFLOP/s, effective GB/s (minimum-bytes model), speedup vs eager "
+            "/ vs cudnn-fused.", ""]
+    for op in _order([r["op"] for r in conv], _schema.CONV_OPS):
+        sub = [r for r in conv if r["op"] == op]
+        impls_here = _order([r["impl"] for r in sub], IMPL_ORDER)
+        out += [f"### {op}, {sub[0]['mode']}", "",
+                "| layer | dtype | layout | shape | GFLOP | MB | " + " | ".join(impls_here) + " |",
+                "| --- | --- | --- | --- | ---: | ---: |" + " --- |" * len(impls_here)]
+        for key in dict.fromkeys((r.get("layer", ""), r["dtype"], r["layout"], r["shape"]) for r in sub):
+            case = [r for r in sub if (r.get("layer", ""), r["dtype"], r["layout"], r["shape"]) == key]
+            by = {r["impl"]: r for r in case}
+            cells = []
+            for impl in impls_here:
+                r = by.get(impl)
+                if r is None:
+                    cells.append("—")
+                    continue
+                cell = (f"{_ms(r['p50_ms'])} ms [{_ms(r['p20_ms'])}–{_ms(r['p80_ms'])}], {_num(r['TFLOPS'])} TFLOP/s, "
+                        f"{_num(r['GBps'])} GB/s")
+                sp = [f"{r[k]:.2f}x" if r.get(k) else "—" for k in ("speedup_vs_eager", "speedup_vs_cudnn_fused")]
+                baseline = impl in ("eager", "cudnn-fused")
+                if not baseline and (r.get("speedup_vs_eager") or r.get("speedup_vs_cudnn_fused")):
+                    cell += f", **{sp[0]} / {sp[1]}**"
+                cells.append(cell)
+            out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {case[0].get('flops', 0) / 1e9:.1f} | "
+                       f"{case[0].get('bytes', 0) / 1e6:.1f} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
 def _model_section(model: list) -> list:
     out = ["## Model", "", "| model | mode | dtype | layout | input | impl | backend | images/s | median ms [p20–p80] | "
            "peak MiB | vs eager |", "| --- | --- | --- | --- | --- | --- | --- | ---: | --- | ---: | ---: |"]
@@ -156,7 +215,10 @@ def _model_section(model: list) -> list:
                                           r["dtype"], IMPL_ORDER.index(r["impl"]) if r["impl"] in IMPL_ORDER else 99)):
         mem = f"{r['peak_mem_MiB']:.0f}" if r.get("peak_mem_MiB") is not None else "n/a"
         sp = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "—"
-        impl = r["impl"] + (f" ({r['compile']})" if r.get("compile") else "")
+        notes = [r["compile"]] if r.get("compile") else []
+        if r.get("param_dtype") and r["param_dtype"] != "float32":
+            notes.append(f"{r['param_dtype']} parameters")
+        impl = r["impl"] + (f" ({'; '.join(notes)})" if notes else "")
         out.append(f"| {r['op']} | {r['mode']} | {r['dtype']} | {r['layout']} | {r['shape']} | {impl} | "
                    f"{r.get('backend', '')} | {_num(r['images_per_s'])} | {_ms(r['p50_ms'])} "
                    f"[{_ms(r['p20_ms'])}–{_ms(r['p80_ms'])}] | {mem} | {sp} |")
@@ -172,7 +234,8 @@ def plot_kernels(doc: dict, path: Path, metric: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kernel = [r for r in doc["rows"] if r["suite"] == "kernel" and r.get(metric) is not None]
+    kernel = [r for r in doc["rows"] if r["suite"] == "kernel" and r.get(metric) is not None
+              and r["op"] not in _schema.CONV_OPS]
     if metric == "speedup_vs_eager":
         kernel = [r for r in kernel if r["impl"] != "eager"]
     if not kernel:
@@ -218,8 +281,56 @@ def plot_kernels(doc: dict, path: Path, metric: str) -> Path | None:
     return Path(path)
 
 
+def plot_conv(doc: dict, path: Path) -> Path | None:
+    """Grouped bars of the fused-conv rows' speedup over eager: one panel per (dtype, layout), one group per
+    ResNet-50 conv, one bar per implementation (eager left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conv = [r for r in doc["rows"] if r["suite"] == "kernel" and r["op"] in _schema.CONV_OPS
+            and r.get("speedup_vs_eager") is not None and r["impl"] != "eager"]
+    if not conv:
+        return None
+    panels = list(dict.fromkeys((r["dtype"], r["layout"]) for r in conv))
+    impls = _order([r["impl"] for r in conv], IMPL_ORDER)
+    colors = {impl: plt.cm.tab10(i % 10) for i, impl in enumerate(_order(IMPL_ORDER + tuple(impls), IMPL_ORDER))}
+    cases = list(dict.fromkeys((r.get("layer") or r["shape"], r["op"]) for r in conv))
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False, sharey=True, constrained_layout=True,
+                             figsize=(max(7.5, 0.6 * len(cases) + 2.0), 3.2 * len(panels) + 1.0))
+    for i, (dtype, layout) in enumerate(panels):
+        ax = axes[i][0]
+        sub = [r for r in conv if (r["dtype"], r["layout"]) == (dtype, layout)]
+        here = [c for c in cases if any((r.get("layer") or r["shape"], r["op"]) == c for r in sub)]
+        width = 0.8 / max(1, len(impls))
+        for k, impl in enumerate(impls):
+            vals = {(r.get("layer") or r["shape"], r["op"]): r["speedup_vs_eager"] for r in sub if r["impl"] == impl}
+            xs = [c_i + (k - (len(impls) - 1) / 2) * width for c_i, c in enumerate(here) if c in vals]
+            ax.bar(xs, [vals[c] for c in here if c in vals], width=width, color=colors[impl], label=impl)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(here)))
+        ax.set_xticklabels([f"{layer}\n{op.replace('conv_bias_', '')}" for layer, op in here], rotation=30,
+                           ha="right", fontsize=7)
+        ax.set_title(f"{dtype} {layout}", fontsize=8)
+        ax.set_ylabel("speedup vs eager", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[i]) for i in impls]
+    axes[0][0].legend(handles, impls, loc="upper right", fontsize=7, framealpha=0.8)
+    n = conv[0]["shape"].split("x")[0]
+    title = (f"fused conv: median speedup over eager (cuDNN conv + separate bias/add/ReLU), N={n}\n"
+             f"{doc['device']}, {doc['timestamp']}")
+    if doc.get("device_type") == "cpu":
+        title += "\nCPU run: reference path on small shapes, not GPU performance"
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
 def write_report(json_path: Path, out_dir: Path | None = None) -> list[Path]:
-    """Write <stem>.md (+ <stem>-speedup.png, <stem>-copy-bw.png) for one result JSON; returns the paths."""
+    """Write <stem>.md (+ <stem>-speedup.png, <stem>-copy-bw.png, <stem>-conv-speedup.png where there are
+    rows for them) for one result JSON; returns the paths."""
     json_path = Path(json_path)
     doc = _schema.load_result(json_path)
     out_dir = Path(out_dir) if out_dir else json_path.parent
@@ -235,6 +346,9 @@ def write_report(json_path: Path, out_dir: Path | None = None) -> list[Path]:
             p = plot_kernels(doc, out_dir / f"{stem}-{suffix}.png", metric)
             if p is not None:
                 plots.append(p)
+        p = plot_conv(doc, out_dir / f"{stem}-conv-speedup.png")
+        if p is not None:
+            plots.append(p)
     if extra:
         doc.setdefault("notes", []).extend(extra)
     md = out_dir / f"{stem}.md"

@@ -1,12 +1,15 @@
 """`make bench`: the kernel and model benchmarks on a GPU; the CPU-meaningful checks without one.
 
-    python bench/run.py [--quick] [--suite kernel|model|all] [--out DIR | --json PATH] [selection options]
+    python bench/run.py [--quick] [--suite kernel|bn|conv|model|all] [--out DIR | --json PATH] [selection options]
 
-On a GPU: the kernel suite (bench_bn_add_relu.py: eager / compile / resfused-cuda / resfused-triton over
-ResNet-50's BN shapes) and the model suite (bench_resnet.py: ResNet-50 training and inference), one
-JSON into bench/results/ (or --out / --json), then bench/report.py's markdown and PNGs next to it.
+On a GPU: the kernel suites (bench_bn_add_relu.py: eager / compile / resfused-cuda / resfused-triton over
+ResNet-50's BN shapes; bench_conv_bias_act.py: the fused conv over ResNet-50's convs against cuDNN conv +
+separate bias/add/ReLU, torch.cudnn_convolution_add_relu and torch.compile), and the model suite
+(bench_resnet.py: ResNet-50 training and inference, fuse_for_inference per backend, torch.compile with
+freezing), in that order (bn, model, conv: the model rows before the slower conv compiles), one JSON into
+bench/results/ (or --out / --json), then bench/report.py's markdown and PNGs next to it.
 Without a GPU (or with --cpu): says so first, checks resfused.convert(resnet50) against stock on CPU
-(reference backend), times the reference path on small shapes labelled CPU, writes the JSON to
+(reference backend), times the reference paths on small shapes labelled CPU, writes the JSON to
 bench/results/cpu/ (not committed) and exits 0 unless a check or a case failed.
 
 Exit status: 0 when every selected case ran or was skipped with a reason; 1 when a case failed or
@@ -27,6 +30,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable as a package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._schema import CONV_OPS  # noqa: E402  (no torch import)
+
 NO_GPU_BANNER = """\
 =====================================================================================================
 NO CUDA GPU ON THIS MACHINE: the kernel and model benchmarks need one and were NOT run.
@@ -41,23 +46,31 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Selections default to the full suite on a GPU (--quick: a subset) and "
                                        "to small shapes on CPU.")
-    p.add_argument("--quick", action="store_true", help="a subset: 1 op, 2 shapes, bf16 and fp32; model suite "
-                   "in bf16 without the torch.compile rows")
-    p.add_argument("--suite", choices=("kernel", "model", "all"), default="all")
+    p.add_argument("--quick", action="store_true", help="a subset: BN kernels 1 op, 2 shapes, bf16 and fp32; "
+                   "conv kernels 3 ResNet-50 convs in bf16; model suite in bf16 without the training compiles and "
+                   "without compile-max-autotune (its inference compile row is freezing with mode=default)")
+    p.add_argument("--suite", choices=("kernel", "bn", "conv", "model", "all"), default="all",
+                   help="kernel: the bn and conv kernel suites; all: those and the model suite")
     p.add_argument("--out", type=Path, default=None, help="directory for the JSON and report "
                    "(default bench/results/, bench/results/cpu/ without a GPU)")
     p.add_argument("--json", type=Path, default=None, help="exact path of the JSON (overrides --out)")
     p.add_argument("--cpu", action="store_true", help="take the no-GPU path even where a GPU exists")
     p.add_argument("--no-report", action="store_true", help="write only the JSON (bench/report.py makes the rest)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-check", action="store_true", help="do not compare each impl's result with eager first")
-    k = p.add_argument_group("kernel suite")
-    k.add_argument("--batch", type=int, help="N of the kernel shapes (default 256 on a GPU, 2 on CPU)")
+    p.add_argument("--no-check", action="store_true", help="do not compare each impl's result with eager (kernels) "
+                   "or with the stock eval model (model inference) first")
+    k = p.add_argument_group("kernel suites")
+    k.add_argument("--batch", type=int, help="N of the kernel shapes, both suites (default 256 on a GPU, 2 on CPU)")
     k.add_argument("--ops", nargs="+", help="batch_norm_add_relu batch_norm_relu batch_norm_add batch_norm")
     k.add_argument("--modes", nargs="+", help="train_fwd train_fwd_bwd eval_fwd")
     k.add_argument("--shapes", nargs="+", help="CxHxW, e.g. 256x56x56 (default: ResNet-50's)")
-    k.add_argument("--dtypes", nargs="+", help="bf16 fp16 (channels_last) fp32 (NCHW)")
-    k.add_argument("--impls", nargs="+", help="eager compile resfused-cuda resfused-triton resfused-reference")
+    k.add_argument("--dtypes", nargs="+", help="bf16 fp16 (channels_last) fp32 (NCHW), BN suite")
+    k.add_argument("--impls", nargs="+", help="eager compile resfused-cuda resfused-triton resfused-reference, and "
+                   "cudnn-fused (conv suite only); each kernel suite runs the names it has")
+    k.add_argument("--conv-layers", nargs="+", help="ResNet-50 convs of the conv suite, e.g. layer1.1.conv2 "
+                   "layer2.0.conv3 (default: all 19; --quick: 3)")
+    k.add_argument("--conv-dtypes", nargs="+", help="bf16 fp16 (channels_last) fp32 (NCHW), conv suite "
+                   "(default: all three; --quick: bf16)")
     k.add_argument("--timer", choices=("events", "do_bench"), default="events",
                    help="GPU timer: CUDA events with rotated inputs (default) or triton.testing.do_bench")
     k.add_argument("--warmup-ms", type=float, help="GPU kernel warm-up per case (default 25, quick 10)")
@@ -86,22 +99,26 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 def _summary(doc: dict, files: list) -> str:
     lines = []
     kernel = [r for r in doc["rows"] if r["suite"] == "kernel" and r.get("speedup_vs_eager")]
-    by_impl: dict = {}
-    for r in kernel:
-        by_impl.setdefault((r["impl"], r["mode"]), []).append(r)
-    if by_impl:
-        lines.append(f"kernel suite ({doc['device']}): geometric-mean speedup vs eager, median of cases' GB/s")
+    for conv, what in ((False, "GB/s"), (True, "TFLOP/s")):
+        by_impl: dict = {}
+        for r in kernel:
+            if (r["op"] in CONV_OPS) == conv:
+                by_impl.setdefault((r["impl"], r["mode"]), []).append(r)
+        if not by_impl:
+            continue
+        lines.append(f"{'conv kernel suite' if conv else 'kernel suite'} ({doc['device']}): geometric-mean speedup "
+                     f"vs eager, median of cases' {what}")
         for (impl, mode), rows in sorted(by_impl.items()):
             gm = math.exp(sum(math.log(r["speedup_vs_eager"]) for r in rows) / len(rows))
-            gbps = sorted(r["GBps"] for r in rows)[len(rows) // 2]
-            lines.append(f"  {impl:20s} {mode:14s} {gm:6.2f}x  {gbps:8.1f} GB/s  ({len(rows)} cases)")
+            med = sorted(r["TFLOPS" if conv else "GBps"] for r in rows)[len(rows) // 2]
+            lines.append(f"  {impl:20s} {mode:14s} {gm:6.2f}x  {med:8.4g} {what}  ({len(rows)} cases)")
     model = [r for r in doc["rows"] if r["suite"] == "model"]
     if model:
         lines.append(f"model suite ({model[0]['op']}, {model[0]['shape']}):")
         for r in model:
             mem = f"  peak {r['peak_mem_MiB']:.0f} MiB" if r.get("peak_mem_MiB") is not None else ""
             sp = f"  {r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else ""
-            lines.append(f"  {r['mode']:5s} {r['dtype']:13s} {r['impl']:18s} {r['images_per_s']:9.1f} images/s{sp}{mem}")
+            lines.append(f"  {r['mode']:5s} {r['dtype']:13s} {r['impl']:24s} {r['images_per_s']:9.1f} images/s{sp}{mem}")
     for c in doc["checks"]:
         lines.append(f"check {c['name']}: {'PASS' if c['passed'] else 'FAIL'}  {c['max_norm_rel_error']}")
     for s in doc["skipped"]:
@@ -133,6 +150,7 @@ def main(argv=None) -> int:
 
     from bench import _harness
     from bench import bench_bn_add_relu as kernels
+    from bench import bench_conv_bias_act as convs
     from bench import bench_resnet as models
 
     device = torch.device("cuda" if gpu else "cpu")
@@ -150,15 +168,28 @@ def main(argv=None) -> int:
         if args.batch:
             sel["batch"] = args.batch
         cases = kernels.kernel_cases(**sel)
+        conv_sel = dict(convs.SELECTIONS[(gpu, args.quick)])
+        if args.conv_layers:
+            conv_sel["layers"] = tuple(args.conv_layers)
+        if args.conv_dtypes:
+            conv_sel["dtypes"] = tuple(args.conv_dtypes)
+        if args.batch:
+            conv_sel["batch"] = args.batch
+        conv_cases = convs.conv_cases(**conv_sel)
     except ValueError as e:
         print(f"bench/run.py: {e}", file=sys.stderr)
         return 2
-    impls = tuple(args.impls) if args.impls else (kernels.GPU_IMPLS if gpu else kernels.CPU_IMPLS)
-    unknown = [i for i in impls if i not in kernels.CPU_IMPLS]
+    if args.impls:
+        impls = tuple(i for i in args.impls if i in kernels.CPU_IMPLS)
+        conv_impls = tuple(i for i in args.impls if i in convs.CPU_IMPLS)
+    else:
+        impls = kernels.GPU_IMPLS if gpu else kernels.CPU_IMPLS
+        conv_impls = convs.GPU_IMPLS if gpu else convs.CPU_IMPLS
+    unknown = [i for i in args.impls or () if i not in kernels.CPU_IMPLS + convs.CPU_IMPLS]
     unknown += [i for i in args.model_impls or () if i not in {m.name for m in models.MODEL_IMPLS}]
     if unknown:
         print(f"bench/run.py: unknown implementation(s) {unknown}; kernel: {list(kernels.CPU_IMPLS)}, "
-              f"model: {sorted({m.name for m in models.MODEL_IMPLS})}", file=sys.stderr)
+              f"conv: {list(convs.CPU_IMPLS)}, model: {sorted({m.name for m in models.MODEL_IMPLS})}", file=sys.stderr)
         return 2
 
     if gpu:
@@ -181,8 +212,11 @@ def main(argv=None) -> int:
     doc = _harness.new_result(
         device, copy_bw, quick=args.quick, suite=args.suite, argv=list(sys.argv[1:] if argv is None else argv),
         timer={"kernel": kernel_timer.describe(), "model": model_timer.describe()},
-        bytes_model=kernels.BYTES_MODEL, cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
+        bytes_model=kernels.BYTES_MODEL, conv_model=convs.CONV_MODEL,
+        cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
+        cudnn_allow_tf32=bool(torch.backends.cudnn.allow_tf32),
         kernel_selection={k: list(v) if isinstance(v, tuple) else v for k, v in sel.items()},
+        conv_selection={k: list(v) if isinstance(v, tuple) else v for k, v in conv_sel.items()},
         model_configs=[dataclasses.asdict(c) for c in model_cfgs])
     print(f"copy bandwidth: {copy_bw:.1f} GB/s ({device.type})", flush=True)
     if not gpu:
@@ -202,7 +236,7 @@ def main(argv=None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
-        if args.suite in ("kernel", "all"):
+        if args.suite in ("kernel", "bn", "all"):
             kernels.run_kernel_suite(doc, cases, impls, device, kernel_timer, show_progress=show,
                                      check=not args.no_check)
         if args.suite in ("model", "all"):
@@ -210,7 +244,10 @@ def main(argv=None) -> int:
                 for cfg in model_cfgs:
                     _harness.add_skipped(doc, "model", impl.name, reason, f"{impl.mode} {cfg.row_dtype}")
             models.run_model_suite(doc, model_cfgs, model_impls, device, model_timer, show_progress=show,
-                                   warmup_steps=2 if gpu else 1)
+                                   warmup_steps=2 if gpu else 1, check=not args.no_check)
+        if args.suite in ("kernel", "conv", "all"):
+            convs.run_conv_suite(doc, conv_cases, conv_impls, device, kernel_timer, show_progress=show,
+                                 check=not args.no_check)
     except (_Terminated, KeyboardInterrupt) as e:  # keep what was measured; the run still fails
         what = "SIGTERM (a timeout?)" if isinstance(e, _Terminated) else "Ctrl-C"
         doc["notes"].append(f"Interrupted by {what}: partial results.")

@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
 
 from bench import _harness, _schema, report  # noqa: E402
 from bench import bench_bn_add_relu as kb  # noqa: E402
+from bench import bench_conv_bias_act as kc  # noqa: E402
 from bench import bench_resnet as mb  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -245,16 +246,230 @@ def test_step_outputs_match_eager(mode):
 
 
 # ---------------------------------------------------------------------------------------------------
+# fused-conv kernel suite
+# ---------------------------------------------------------------------------------------------------
+
+def _conv_case(dtype="fp32", n=2, **geometry):
+    base = dict(layer="t", c_in=8, h=6, w=6, c_out=4, k=3)
+    return kc.ConvCase(kc.ConvGeometry(**{**base, **geometry}), n, dtype)
+
+
+@pytest.mark.parametrize("geometry,dtype,flops,nbytes", [
+    # 3x3/1 pad 1, 2x8x6x6 -> 2x4x6x6: x, w, bias, y
+    (dict(), "fp32", 2 * 2 * 36 * 4 * 8 * 9, 4 * (2 * 8 * 36 + 4 * 8 * 9 + 4 + 2 * 4 * 36)),
+    # 3x3/2 -> 3x3 output: every input row and column is still read; bf16 halves the bytes
+    (dict(stride=2), "bf16", 2 * 2 * 9 * 4 * 8 * 9, 2 * (2 * 8 * 36 + 4 * 8 * 9 + 4 + 2 * 4 * 9)),
+    # 1x1 expand + residual: z read once more
+    (dict(k=1, residual=True), "fp16", 2 * 2 * 36 * 4 * 8, 2 * (2 * 8 * 36 + 4 * 8 + 4 + 2 * 2 * 4 * 36)),
+    # 1x1 + projection shortcut 1x1/2 from 2x6x12x12: only every other row and column of its input is read,
+    # its output stays on chip (no write, no read), its weight is read
+    (dict(k=1, shortcut=(6, 12, 12, 2)), "fp32", 2 * 2 * 36 * 4 * 8 + 2 * 2 * 36 * 4 * 6,
+     4 * (2 * 8 * 36 + 4 * 8 + 4 + 2 * 4 * 36 + 2 * 6 * 36 + 4 * 6)),
+    # 1x1/2 on an odd size: 7 -> 4 positions used
+    (dict(k=1, stride=2, h=7, w=7), "fp32", 2 * 2 * 16 * 4 * 8, 4 * (2 * 8 * 16 + 4 * 8 + 4 + 2 * 4 * 16)),
+])
+def test_conv_flop_and_bytes_models(geometry, dtype, flops, nbytes):
+    case = _conv_case(dtype, **geometry)
+    assert kc.flops(case) == flops
+    assert kc.min_bytes(case) == nbytes
+
+
+def test_conv_shapes_are_resnet50s():
+    """Every geometry is a conv of torchvision's ResNet-50 at 224x224 with that input size, kernel, stride and
+    channels; residual and shortcut flags match the block (traced on the meta device: no compute)."""
+    import torchvision
+
+    with torch.device("meta"):
+        model = torchvision.models.resnet50()
+    seen = {}
+
+    def record(name):
+        def hook(mod, args, out):
+            seen[name] = tuple(args[0].shape)
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Conv2d, torchvision.models.resnet.Bottleneck)):
+            m.register_forward_hook(record(name))
+    with torch.no_grad():
+        model(torch.empty(1, 3, 224, 224, device="meta"))
+    modules = dict(model.named_modules())
+    assert len(kc.RESNET50_CONVS) == 19 and len(kc.LAYERS) == 19
+    for g in kc.RESNET50_CONVS:
+        conv = modules[g.layer]
+        assert seen[g.layer] == (1, g.c_in, g.h, g.w), g.layer
+        assert (conv.out_channels, conv.kernel_size, conv.stride, conv.padding) == (
+            g.c_out, (g.k, g.k), (g.stride, g.stride), (g.padding, g.padding)), g.layer
+        block_name = g.layer.rsplit(".", 1)[0]
+        block = modules[block_name]
+        is_last = g.layer.endswith("conv3")
+        assert g.residual == (is_last and block.downsample is None), g.layer
+        if g.shortcut is not None:
+            ds = block.downsample[0]
+            assert is_last and (ds.in_channels, ds.stride[0]) == (g.shortcut[0], g.shortcut[3])
+            assert seen[block_name][1:] == g.shortcut[:3]
+    for i in (1, 2, 3, 4):
+        ops = {g.op for g in kc.RESNET50_CONVS if g.layer.startswith(f"layer{i}.")}
+        assert ops == set(kc.CONV_OPS)
+        assert any(g.k == 3 and g.stride == 2 for g in kc.RESNET50_CONVS if g.layer.startswith(f"layer{i}.")) == (i > 1)
+
+
+def test_conv_cases_full_and_quick():
+    full = kc.conv_cases(**kc.SELECTIONS[(True, False)])
+    assert len(full) == 19 * 3 and {c.n for c in full} == {256}
+    assert {(c.dtype, c.layout) for c in full} == {("bf16", "channels_last"), ("fp16", "channels_last"),
+                                                   ("fp32", "nchw")}
+    quick = kc.conv_cases(**kc.SELECTIONS[(True, True)])
+    assert set(quick) < set(full) and {c.dtype for c in quick} == {"bf16"} and len(quick) <= 4
+    assert {c.op for c in quick} == set(kc.CONV_OPS)                   # every op, in a few shapes
+    assert {c.n for c in kc.conv_cases(**kc.SELECTIONS[(False, True)])} == {2}
+    with pytest.raises(ValueError, match="unknown conv layer"):
+        kc.conv_cases(["layer5.0.conv1"], ["bf16"], 2)
+    case = kc.ConvCase(kc.LAYERS["layer2.0.conv3"], 256, "bf16")
+    assert case.shape_str == "256x128x28x28-k1s1-c512+sc256x56x56s2"
+    assert case.id == "conv_bias_shortcut_add_relu-layer2.0.conv3-256x128x28x28-k1s1-c512+sc256x56x56s2-bf16-channels_last"
+
+
+def _tiny_conv_cases():
+    return [_conv_case("fp32"), _conv_case("bf16", stride=2), _conv_case("fp32", k=1, residual=True),
+            _conv_case("bf16", k=1, c_in=4, h=3, w=3, c_out=8, shortcut=(6, 6, 6, 2))]
+
+
+def test_conv_suite_rows_skips_and_speedups(one_thread):
+    cases = _tiny_conv_cases()
+    doc = _doc(copy_bw=4.0)
+    timer = _harness.FakeTimer(ms=lambda key: 2.0 if key[1] == "eager" else 1.0)
+    kc.run_conv_suite(doc, cases, kc.CPU_IMPLS, CPU, timer, show_progress=False)
+    assert doc["errors"] == []
+    assert [(r["layer"], r["impl"]) for r in doc["rows"]] == [("t", i) for _ in cases
+                                                              for i in ("eager", "resfused-reference")]
+    skipped = {s["impl"]: s for s in doc["skipped"]}
+    assert set(skipped) == {"cudnn-fused", "compile", "resfused-cuda", "resfused-triton"}
+    assert all(s["cases"] == len(cases) and s["reason"] for s in skipped.values())
+    assert "cudnn_convolution_add_relu" in skipped["cudnn-fused"]["reason"]
+    _harness.add_derived(doc)
+    assert _harness.validate(doc) == []
+    for r, case in zip(doc["rows"], [c for c in cases for _ in range(2)]):
+        assert (r["op"], r["shape"], r["dtype"], r["layout"]) == (case.op, case.shape_str, case.dtype, case.layout)
+        assert r["flops"] == kc.flops(case) and r["bytes"] == kc.min_bytes(case)
+        assert r["TFLOPS"] == pytest.approx(r["flops"] / (r["p50_ms"] * 1e-3) / 1e12)
+        assert r["GBps"] == pytest.approx(r["bytes"] / (r["p50_ms"] * 1e-3) / 1e9)
+        assert r["speedup_vs_eager"] == pytest.approx(1.0 if r["impl"] == "eager" else 2.0)
+        assert r["speedup_vs_cudnn_fused"] is None                      # no cudnn-fused row on CPU
+    bad = dict(doc, rows=[{k: v for k, v in doc["rows"][0].items() if k != "TFLOPS"}])
+    assert _schema.validate(bad) == ["row 0: a fused-conv kernel row (conv_bias_relu) needs TFLOPS"]
+
+
+@pytest.mark.parametrize("case", _tiny_conv_cases(), ids=lambda c: c.op + "-" + c.dtype)
+def test_conv_impls_agree_with_eager(case):
+    """eager (conv, then bias / shortcut / residual / ReLU), the reference backend, and the cudnn-fused
+    wrapper with torch.cudnn_convolution_*_relu replaced by what those ops compute, called with the
+    argument order of their real schemas."""
+    schemas = {op: [a.name for a in torch._C._jit_get_schemas_for_operator(f"aten::{op}")[-1].arguments]
+               for op in ("cudnn_convolution_add_relu", "cudnn_convolution_relu")}
+    assert schemas == {"cudnn_convolution_add_relu": ["self", "weight", "z", "alpha", "bias", "stride", "padding",
+                                                      "dilation", "groups"],
+                       "cudnn_convolution_relu": ["self", "weight", "bias", "stride", "padding", "dilation",
+                                                  "groups"]}
+
+    def add_relu(x, weight, z, alpha, bias, stride, padding, dilation, groups):
+        y = torch.nn.functional.conv2d(x.float(), weight.float(), bias.float(), stride, padding, dilation, groups)
+        return torch.relu(y + alpha * z.float()).to(x.dtype)
+
+    def relu(x, weight, bias, stride, padding, dilation, groups):
+        return add_relu(x, weight, torch.zeros((), dtype=x.dtype), 0.0, bias, stride, padding, dilation, groups)
+
+    inp = kc.make_inputs(case, CPU, n_sets=2)
+    assert inp.xs[0].is_contiguous(memory_format=case.memory_format)
+    ref = kc.make_step(kc.make_forward("eager"), case, inp)(1)
+    assert ref.shape == case.out_shape and ref.dtype == case.torch_dtype
+    out = kc.make_step(kc.make_forward("resfused-reference"), case, inp)(1)
+    assert kc.nrel(out, ref) < kc.CHECK_TOL[case.dtype]
+    mp = pytest.MonkeyPatch()
+    mp.setattr(torch, "cudnn_convolution_add_relu", add_relu)
+    mp.setattr(torch, "cudnn_convolution_relu", relu)
+    try:
+        fused = kc.make_step(kc.make_forward("cudnn-fused"), case, inp)(1)
+    finally:
+        mp.undo()
+    assert kc.nrel(fused, ref) < kc.CHECK_TOL[case.dtype]
+
+
+def test_conv_suite_refuses_to_time_a_wrong_result(monkeypatch):
+    real = kc.make_forward
+
+    def drops_the_residual(impl):
+        f = real(impl)
+        if impl != "resfused-reference":
+            return f
+        return lambda x, w, b, residual, *rest: f(x, w, b, None, *rest)
+
+    monkeypatch.setattr(kc, "make_forward", drops_the_residual)
+    doc, timer = _doc(), _harness.FakeTimer()
+    case = _conv_case("fp32", k=1, residual=True)
+    kc.run_conv_suite(doc, [case], ["eager", "resfused-reference"], CPU, timer, show_progress=False)
+    assert [r["impl"] for r in doc["rows"]] == ["eager"]
+    (err,) = doc["errors"]
+    assert err["impl"] == "resfused-reference" and "differs from eager" in err["error"] and err["layer"] == "t"
+    assert [k[1] for k in timer.keys] == ["eager"]
+
+
+def test_cudnn_fused_without_an_engine_is_skipped_other_errors_are_not(monkeypatch):
+    """On a GPU, cuDNN may have no fused engine for a dtype/layout: listed as not run with cuDNN's message.
+    Any other exception from the same call is an error."""
+    case = _conv_case("fp32")
+    no_engine = RuntimeError("GET was unable to find an engine to execute this computation")
+    assert "fp32 nchw" in kc.cudnn_fused_skip_reason(case, no_engine)
+    assert "unable to find an engine" in kc.cudnn_fused_skip_reason(case, no_engine)
+    assert kc.cudnn_fused_skip_reason(case, RuntimeError("Expected 4-dimensional input")) is None
+    assert kc.cudnn_fused_skip_reason(case, TypeError("cudnn_convolution_relu() missing bias")) is None
+
+    real_reason, real_forward = kc.impl_unavailable_reason, kc.make_forward
+    raised = []
+
+    def failing(*args):
+        raise raised[-1]
+
+    monkeypatch.setattr(kc, "impl_unavailable_reason",
+                        lambda impl, *a: None if impl == "cudnn-fused" else real_reason(impl, *a))
+    monkeypatch.setattr(kc, "make_forward", lambda impl: failing if impl == "cudnn-fused" else real_forward(impl))
+    for exc in (no_engine, RuntimeError("illegal memory access")):
+        raised.append(exc)
+        doc = _doc()
+        kc.run_conv_suite(doc, [case, _conv_case("fp32", k=1)], ["eager", "cudnn-fused"], CPU, _harness.FakeTimer(),
+                          show_progress=False)
+        assert [r["impl"] for r in doc["rows"]] == ["eager", "eager"]
+        if exc is no_engine:
+            assert doc["errors"] == [] and [(s["impl"], s["cases"]) for s in doc["skipped"]] == [("cudnn-fused", 2)]
+        else:
+            assert doc["skipped"] == [] and len(doc["errors"]) == 2
+            assert doc["errors"][0]["error"] == "RuntimeError: illegal memory access"
+
+
+# ---------------------------------------------------------------------------------------------------
 # model suite
 # ---------------------------------------------------------------------------------------------------
 
 def test_model_registry_and_quick_selection():
     names = {(i.name, i.mode) for i in mb.MODEL_IMPLS}
     assert {("eager", "train"), ("resfused", "train"), ("compile", "train"), ("resfused-compile", "train"),
-            ("eager", "infer"), ("resfused", "infer"), ("compile", "infer")} <= names
+            ("eager", "infer"), ("resfused", "infer"), ("compile", "infer"), ("compile-max-autotune", "infer"),
+            ("resfused-fused-cuda", "infer"), ("resfused-fused-triton", "infer")} <= names
+    by_name = {(i.name, i.mode): i for i in mb.MODEL_IMPLS}
+    assert by_name[("compile-max-autotune", "infer")].compile_label == "inductor, freezing, mode=max-autotune"
+    assert by_name[("compile", "infer")].compile_label == "inductor, freezing, mode=default"
+    assert by_name[("compile", "train")].compile_label == "inductor, mode=default"
+    for backend in ("cuda", "triton"):
+        fused = by_name[(f"resfused-fused-{backend}", "infer")]
+        assert fused.backend == backend and fused.cast_params and not fused.compile
     chosen, left_out = mb.select_impls(None, ("train", "infer"), quick=True)
-    assert all(not i.compile for i in chosen)
-    assert {i.name for i, _ in left_out} == {"compile", "resfused-compile"}
+    # --quick: no training compiles and no max-autotune; the one compile it keeps is the default-mode inference one
+    assert [(i.name, i.mode, i.compile_mode) for i in chosen if i.compile] == [("compile", "infer", None)]
+    assert {("resfused-fused-cuda", "infer"), ("resfused-fused-triton", "infer")} <= {(i.name, i.mode) for i in chosen}
+    assert {(i.name, i.mode) for i, _ in left_out} == {("compile", "train"), ("resfused-compile", "train"),
+                                                       ("compile-max-autotune", "infer")}
+    reason = next(r for i, r in left_out if i.name == "compile-max-autotune")
+    assert "max-autotune" in reason and "mode=default" in reason
     chosen, _ = mb.select_impls(["resfused"], ("infer",), quick=False)
     assert [(i.name, i.mode) for i in chosen] == [("resfused", "infer")]
 
@@ -290,6 +505,64 @@ def test_conversion_check_catches_a_wrong_conversion(monkeypatch, one_thread):
     bad = mb.conversion_check(model_name="resnet18", batch=2, image_size=32)
     assert not bad["passed"] and bad["max_norm_rel_error"]["eval_output_fp32"] > 1e-3
     assert bad["blocks_converted"] == 8 and bad["blocks_left"] == 0
+
+
+def test_model_suite_checks_logits_before_timing(monkeypatch, one_thread):
+    """A fused bf16 model (folded in fp32, parameters cast) passes the check against stock autocast; an
+    implementation with wrong logits is an error and is not timed."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x) * 1.5
+
+    broken = mb.ModelImpl("broken", "infer", Scaled)
+    monkeypatch.setattr(mb, "MODEL_IMPLS", mb.MODEL_IMPLS + [broken])
+    impls, _ = mb.select_impls(["resfused-fused-reference", "broken"], ("infer",), quick=True)
+    cfg = mb.ModelConfig(model="resnet18", batch=2, image_size=32, dtype="bf16", num_classes=10)
+    doc, timer = _doc(), _harness.FakeTimer(ms=4.0)
+    mb.run_model_suite(doc, [cfg], impls, CPU, timer, show_progress=False, warmup_steps=1)
+    (row,) = doc["rows"]
+    assert (row["impl"], row["backend"], row["param_dtype"], row["dtype"]) == (
+        "resfused-fused-reference", "reference", "bfloat16", "bf16-autocast")
+    assert 0 < row["checked_nrel"] < mb.MODEL_CHECK_TOL["bf16"]
+    (err,) = doc["errors"]
+    assert err["impl"] == "broken" and "logits differ from the stock eval model's" in err["error"]
+    assert [k[1].name for k in timer.keys] == ["resfused-fused-reference"]
+
+
+def test_inference_compile_sets_freezing_and_mode_and_restores_them(monkeypatch, one_thread):
+    """compile-max-autotune compiles with mode="max-autotune" while torch._inductor.config.freezing is True,
+    and the row says so; freezing is back to its old value afterwards. (torch.compile itself is faked: this
+    is the suite's plumbing, on CPU.)"""
+    import dataclasses
+
+    import torch._inductor.config as inductor_config
+
+    seen = []
+
+    def fake_compile(model, mode=None, **kwargs):
+        def run(*args):
+            seen.append((mode, inductor_config.freezing))
+            return model(*args)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    impls = [dataclasses.replace(i, unavailable=lambda device: None)
+             for i in mb.select_impls(["compile", "compile-max-autotune"], ("infer",), quick=False)[0]]
+    assert [i.name for i in impls] == ["compile", "compile-max-autotune"]
+    before = inductor_config.freezing
+    cfg = mb.ModelConfig(model="resnet18", batch=2, image_size=32, dtype="fp32", num_classes=10)
+    doc = _doc()
+    mb.run_model_suite(doc, [cfg], impls, CPU, _harness.FakeTimer(), show_progress=False, warmup_steps=1)
+    assert doc["errors"] == [] and inductor_config.freezing == before
+    assert {m for m, _ in seen} == {None, "max-autotune"} and all(f for _, f in seen)
+    assert [(r["impl"], r["compile"]) for r in doc["rows"]] == [("compile", "inductor, freezing, mode=default"),
+                                                                ("compile-max-autotune",
+                                                                 "inductor, freezing, mode=max-autotune")]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -384,6 +657,62 @@ def test_cpu_report_is_labelled(tmp_path):
     assert md.index("CPU run (no CUDA device)") < md.index("## Kernels")
 
 
+def _conv_doc():
+    """A GPU-like result with only fused-conv kernel rows and fused-model rows."""
+    doc = _gpu_like_doc()
+    doc["rows"] = [r for r in doc["rows"] if r["suite"] == "model"]
+    doc["conv_model"] = kc.CONV_MODEL
+    for layer in ("layer1.1.conv2", "layer2.0.conv3"):
+        case = kc.ConvCase(kc.LAYERS[layer], 256, "bf16")
+        for impl, ms in (("eager", 2.0), ("cudnn-fused", 1.6), ("compile", 1.8), ("resfused-triton", 0.8)):
+            doc["rows"].append({**case.row_fields(), "impl": impl, "p20_ms": 0.9 * ms, "p50_ms": ms, "p80_ms": 1.1 * ms,
+                                "GBps": kc.min_bytes(case) / (ms * 1e-3) / 1e9, "bytes": kc.min_bytes(case),
+                                "TFLOPS": kc.flops(case) / (ms * 1e-3) / 1e12, "flops": kc.flops(case)})
+    for impl, ips, extra in (("resfused-fused-cuda", 9600.0, {"backend": "cuda", "param_dtype": "bfloat16"}),
+                             ("compile-max-autotune", 8800.0, {"compile": "inductor, freezing, mode=max-autotune"})):
+        doc["rows"].append({"suite": "model", "op": "resnet50", "mode": "infer", "impl": impl, "shape": "256x3x224x224",
+                            "dtype": "bf16-autocast", "layout": "channels_last", "p20_ms": 256e3 / ips * 0.99,
+                            "p50_ms": 256e3 / ips, "p80_ms": 256e3 / ips * 1.01, "images_per_s": ips, **extra})
+    _harness.add_derived(doc)
+    return doc
+
+
+def test_report_conv_section_and_plot(tmp_path):
+    doc = _conv_doc()
+    path = _schema.write_result(doc, tmp_path / "run.json")
+    md_path, *pngs = report.write_report(path)
+    assert [p.name for p in pngs] == ["run-conv-speedup.png"]              # no BN kernel rows: no BN plots
+    assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pngs[0].stat().st_size > 5000
+    md = md_path.read_text()
+    assert "## Fused conv (conv_bias_act)" in md and "## Kernels" not in md and "## Bytes model" not in md
+    assert "| bf16 | channels_last | 1.00x / 0.80x (2) | 1.25x / 1.00x (2) | 1.11x / 0.89x (2) | 2.50x / 2.00x (2) |" in md
+    assert "### conv_bias_relu, eval_fwd" in md and "### conv_bias_shortcut_add_relu, eval_fwd" in md
+    assert "| layer2.0.conv3 | bf16 | channels_last | 256x128x28x28-k1s1-c512+sc256x56x56s2 | 78.9 | 360.1 |" in md
+    tflops = kc.flops(kc.ConvCase(kc.LAYERS["layer1.1.conv2"], 256, "bf16")) / 0.8e-3 / 1e12
+    assert f"0.8 ms [0.72–0.88], {tflops:.0f} TFLOP/s" in md and "**2.50x / 2.00x**" in md
+    assert "![run-conv-speedup](run-conv-speedup.png)" in md
+    assert "## Fused conv: FLOP and bytes model" in md and "FLOP model (TFLOPS = flops / median time)" in md
+    assert "| resfused-fused-cuda (bfloat16 parameters) | cuda | 9600 |" in md
+    assert "| compile-max-autotune (inductor, freezing, mode=max-autotune) |  | 8800 |" in md
+    assert "1.20x |" in md                                                  # 9600 / 8000 images/s vs eager
+
+
+def test_conv_rows_stay_out_of_the_bn_sections(tmp_path):
+    doc = _gpu_like_doc()
+    doc["rows"] += [r for r in _conv_doc()["rows"] if r["suite"] == "kernel"]
+    _harness.add_derived(doc)
+    path = _schema.write_result(doc, tmp_path / "both.json")
+    md_path, *pngs = report.write_report(path)
+    assert sorted(p.name for p in pngs) == ["both-conv-speedup.png", "both-copy-bw.png", "both-speedup.png"]
+    md = md_path.read_text()
+    kernels = md[md.index("## Kernels"):md.index("## Model")]
+    assert "conv_bias" not in kernels and "cudnn-fused" not in kernels
+    assert "| train_fwd | 1.00x (4) | 1.25x (4) | 2.00x (4) |" in kernels
+    from bench import run
+    summary = run._summary(doc, [])
+    assert "conv kernel suite" in summary and "TFLOP/s" in summary
+
+
 # ---------------------------------------------------------------------------------------------------
 # the entry points, as subprocesses
 # ---------------------------------------------------------------------------------------------------
@@ -403,13 +732,23 @@ def test_run_py_without_gpu_exits_0(tmp_path):
     (check,) = doc["checks"]
     assert check["passed"] and check["name"] == "convert(resnet18) vs stock" and check["backend"] == "reference"
     assert check["blocks_converted"] == 8 and check["blocks_left"] == 0
-    kernel = [r for r in doc["rows"] if r["suite"] == "kernel"]
+    kernel = [r for r in doc["rows"] if r["suite"] == "kernel" and r["op"] not in _schema.CONV_OPS]
     assert {r["impl"] for r in kernel} == {"eager", "resfused-reference"} and len(kernel) == 2 * 3
-    assert {r["impl"] for r in doc["rows"] if r["suite"] == "model"} == {"eager", "resfused"}
-    assert {s["impl"] for s in doc["skipped"]} >= {"compile", "resfused-cuda", "resfused-triton"}
+    conv = [r for r in doc["rows"] if r["suite"] == "kernel" and r["op"] in _schema.CONV_OPS]
+    assert {r["impl"] for r in conv} == {"eager", "resfused-reference"}
+    assert sorted(r["layer"] for r in conv) == sorted(2 * kc.QUICK_LAYERS)
+    assert all(r["dtype"] == "fp32" and r["shape"].startswith("2x") and r["TFLOPS"] > 0 for r in conv)
+    assert doc["conv_model"] == kc.CONV_MODEL and doc["conv_selection"]["layers"] == list(kc.QUICK_LAYERS)
+    model = [r for r in doc["rows"] if r["suite"] == "model"]
+    assert {r["impl"] for r in model} == {"eager", "resfused", "resfused-fused-reference"}
+    assert all(r["checked_nrel"] < mb.MODEL_CHECK_TOL["fp32"] for r in model)
+    assert {s["impl"] for s in doc["skipped"]} >= {"compile", "resfused-cuda", "resfused-triton", "cudnn-fused",
+                                                   "resfused-fused-cuda", "resfused-fused-triton"}
     assert doc["errors"] == [] and math.isfinite(doc["copy_bandwidth_GBps"])
     stem = json_path.stem
     assert (tmp_path / f"{stem}.md").exists() and (tmp_path / f"{stem}-speedup.png").exists()
+    assert (tmp_path / f"{stem}-conv-speedup.png").exists()
+    assert "## Fused conv (conv_bias_act)" in (tmp_path / f"{stem}.md").read_text()
 
 
 def test_run_py_rejects_bad_selections(capsys):
@@ -419,6 +758,10 @@ def test_run_py_rejects_bad_selections(capsys):
     assert "CxHxW" in capsys.readouterr().err
     assert run.main(["--cpu", "--impls", "eager", "cudnn"]) == 2
     assert "unknown implementation(s) ['cudnn']" in capsys.readouterr().err
+    assert run.main(["--cpu", "--suite", "conv", "--conv-layers", "layer1.1.conv2", "layer9.0.conv1"]) == 2
+    assert "unknown conv layer(s) ['layer9.0.conv1']" in capsys.readouterr().err
+    assert run.main(["--cpu", "--suite", "conv", "--conv-dtypes", "fp64"]) == 2
+    assert "unknown dtype 'fp64'" in capsys.readouterr().err
 
 
 def test_run_py_keeps_partial_results_when_terminated(tmp_path, monkeypatch):
@@ -443,6 +786,7 @@ def test_pytest_benchmark_entry_skips_without_gpu():
            "--bench-quick", "-p", "no:xdist"]
     proc = subprocess.run(cmd, cwd=ROOT, env=NO_GPU_ENV, capture_output=True, text=True, timeout=120)
     n = len(kb.kernel_cases(**kb.SELECTIONS[(True, True)])) * len(kb.GPU_IMPLS)
+    n += len(kc.conv_cases(**kc.SELECTIONS[(True, True)])) * len(kc.GPU_IMPLS)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert f"{n} skipped" in proc.stdout
 
