@@ -3,7 +3,8 @@
 Backends:
   reference  plain PyTorch, any device; the test oracle and the CPU fallback.
   triton     resfused.triton_kernels; CUDA tensors, or CPU tensors when TRITON_INTERPRET=1.
-  cuda       resfused._C (CUDA C++); CUDA tensors of fp32/fp16/bf16.
+  cuda       resfused._C (CUDA C++); CUDA tensors of fp32/fp16/bf16; no per-sample scale (sample_scale,
+             drop-path) yet: calls with one resolve as if cuda were unavailable.
 
 Only ``auto`` falls back; an explicitly requested backend that cannot run a call raises.
 """
@@ -91,10 +92,12 @@ def cuda_ext():
     return _cuda_ext_status()[0]
 
 
-def unavailable_reason(name: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+def unavailable_reason(name: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+                       sample_scale: bool = False) -> Optional[str]:
     """None if backend ``name`` can run on (device, dtype); otherwise a sentence saying why not.
 
-    With device None, asks whether the backend is usable on this machine at all.
+    With device None, asks whether the backend is usable on this machine at all. ``sample_scale``: the
+    call passes a per-sample scale (resfused.ops.bn_add_relu), which the cuda backend does not implement.
     """
     if name == "reference":
         return None
@@ -123,6 +126,8 @@ def unavailable_reason(name: str, device: Optional[torch.device] = None, dtype: 
             return f"the cuda backend needs CUDA tensors, got a {device.type} tensor"
         if dtype is not None and dtype not in _CUDA_DTYPES:
             return f"the cuda backend supports float32, float16 and bfloat16, got {dtype}"
+        if sample_scale:
+            return "the cuda backend does not implement sample_scale (the per-sample drop-path scale) yet"
         return None
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
@@ -141,22 +146,23 @@ def _log_once(msg: str) -> None:
         logger.info(msg)
 
 
-def resolve(backend: Optional[str], tensor: torch.Tensor) -> str:
+def resolve(backend: Optional[str], tensor: torch.Tensor, sample_scale: bool = False) -> str:
     """The concrete backend that will run an op on ``tensor``.
 
     ``backend`` None means the process default. ``auto`` picks cuda > triton > reference for CUDA
     tensors and reference for CPU tensors; any other name must be usable or this raises.
+    ``sample_scale``: the call passes a per-sample scale (cuda cannot run it; auto skips it).
     """
     name = get_backend() if backend is None else _check_name(backend)
     if name != "auto":
-        why = unavailable_reason(name, tensor.device, tensor.dtype)
+        why = unavailable_reason(name, tensor.device, tensor.dtype, sample_scale)
         if why is not None:
             raise RuntimeError(f"resfused backend {name!r} is unavailable: {why}")
         return name
     if tensor.device.type != "cuda":
         return "reference"
     for cand in ("cuda", "triton"):
-        why = unavailable_reason(cand, tensor.device, tensor.dtype)
+        why = unavailable_reason(cand, tensor.device, tensor.dtype, sample_scale)
         if why is None:
             return cand
         _log_once(f"resfused: auto backend skips {cand!r}: {why}")

@@ -11,9 +11,12 @@ import torch
 import torch.nn.functional as F
 
 
-def composite(x, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu):
-    """Stock PyTorch: F.batch_norm, + residual, relu. Mutates running stats like F.batch_norm."""
+def composite(x, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu, sample_scale=None):
+    """Stock PyTorch: F.batch_norm, (* sample_scale per sample, as timm's drop_path), + residual, relu.
+    Mutates running stats like F.batch_norm."""
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if sample_scale is not None:
+        y = y * sample_scale.to(y.dtype).view(-1, 1, 1, 1)
     if residual is not None:
         y = y + residual
     return torch.relu(y) if relu else y

@@ -74,3 +74,17 @@ def test_module_backend_attribute_routes_calls(monkeypatch):
     bn = resfused.nn.BatchNormAddReLU2d(3, backend="reference").to(DEVICE)
     bn(torch.randn(2, 3, 2, 2, device=DEVICE))
     assert calls == [1]
+
+
+def test_sample_scale_calls_never_resolve_to_cuda(monkeypatch):
+    """The cuda backend has no sample_scale: auto picks triton for such calls on CUDA tensors, an explicit
+    "cuda" raises saying why. (Resolution only reads the tensor's device and dtype, so this runs anywhere.)"""
+    import types
+
+    monkeypatch.setattr(_backend, "_cuda_ext_error", lambda: None)
+    monkeypatch.setattr(_backend, "_triton_import_error", lambda: None)
+    x = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32)
+    assert _backend.resolve("auto", x) == "cuda"
+    assert _backend.resolve("auto", x, sample_scale=True) == "triton"
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable: .*does not implement sample_scale"):
+        _backend.resolve("cuda", x, sample_scale=True)

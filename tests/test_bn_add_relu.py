@@ -60,10 +60,12 @@ def _clone(t, dtype=None, grad=False):
 
 
 def run_case(backend, dtype, layout, shape, *, residual=True, relu=True, affine=True, running=True, training=True,
-             momentum=0.1, eps=1e-5, offset=0.0, scale=1.0, seed=0):
+             momentum=0.1, eps=1e-5, offset=0.0, scale=1.0, seed=0, sample_scale=None):
+    """``sample_scale``: None or N floats, the per-sample factor on the BN output (drop-path)."""
     x, z, weight, bias, rm, rv, dy = _inputs(shape, dtype, layout, residual=residual, affine=affine,
                                               running=running, offset=offset, scale=scale, seed=seed)
     stats_dtype = _layout.stats_dtype(dtype)
+    ss = None if sample_scale is None else torch.tensor(sample_scale, dtype=stats_dtype, device=DEVICE)
 
     def run(fn, act_dtype, param_dtype):
         args = [_clone(x, act_dtype, True), _clone(z, act_dtype, True), _clone(rm, param_dtype),
@@ -74,9 +76,10 @@ def run_case(backend, dtype, layout, shape, *, residual=True, relu=True, affine=
         return out, grads, args[2], args[3]
 
     ours = run(lambda *a: batch_norm_add_relu(*a, training=training, momentum=momentum, eps=eps, relu=relu,
-                                              backend=backend), dtype, stats_dtype)
-    ref = run(lambda *a: composite(*a, training, momentum, eps, relu), torch.float64, torch.float64)
-    stock = run(lambda *a: composite(*a, training, momentum, eps, relu), dtype, stats_dtype)
+                                              backend=backend, sample_scale=ss), dtype, stats_dtype)
+    ref = run(lambda *a: composite(*a, training, momentum, eps, relu, _clone(ss, torch.float64)), torch.float64,
+              torch.float64)
+    stock = run(lambda *a: composite(*a, training, momentum, eps, relu, ss), dtype, stats_dtype)
 
     y, grads, out_rm, out_rv = ours
     assert y.dtype == dtype and y.shape == x.shape
@@ -122,6 +125,66 @@ def test_variants_match_torch(backend, dtype, layout, variant):
     run_case(backend, dtype, layout, (2, 12, 3, 5), **variant)
 
 
+# Per-sample scales (drop-path): zeros for dropped samples, 1/keep_prob for kept ones, and arbitrary values.
+# (3, 13, 3, 5): channels_last row tiles straddle samples, NCHW planes split into several tiles; HW1: every
+# channels_last row is a different sample.
+SAMPLE_SCALE_CASES = {
+    "drop_keep_C13": ((3, 13, 3, 5), [0.0, 1.25, 1.25], {}),
+    "arbitrary_C13": ((3, 13, 3, 5), [0.5, 0.0, 2.0], {}),
+    "drop_keep_HW1": ((8, 16, 1, 1), [1.25, 0.0, 1.25, 1.25, 0.0, 0.0, 1.25, 1.25], {}),
+    "all_dropped": ((2, 12, 3, 5), [0.0, 0.0], {}),
+    "no_residual_no_relu": ((3, 12, 3, 5), [0.0, 1.25, 0.5], dict(residual=False, relu=False)),
+    "eval": ((3, 13, 3, 5), [0.0, 1.25, 0.5], dict(training=False)),
+    "no_affine_no_running": ((3, 13, 3, 5), [1.25, 0.0, 1.25], dict(affine=False, running=False)),
+}
+
+
+@pytest.mark.parametrize("case", SAMPLE_SCALE_CASES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sample_scale_matches_torch(backend, dtype, layout, case):
+    """relu(s[n] * bn(x) + z) against the composite: output, every gradient, running stats (batch statistics
+    are x's, whatever s)."""
+    if backend == "cuda":
+        pytest.skip("the cuda backend does not implement sample_scale")
+    shape, ss, kw = SAMPLE_SCALE_CASES[case]
+    run_case(backend, dtype, layout, shape, sample_scale=ss, **kw)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+def test_sample_scale_gradcheck_float64(backend, layout, training):
+    g = torch.Generator().manual_seed(2)
+    fmt = LAYOUTS[layout]
+    shape = (3, 3, 2, 3)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE).contiguous(memory_format=fmt)
+    z = torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE).contiguous(memory_format=fmt)
+    w = torch.randn(3, generator=g, dtype=torch.float64).to(DEVICE)
+    b = torch.randn(3, generator=g, dtype=torch.float64).to(DEVICE)
+    ss = torch.tensor([0.0, 1.25, 0.5], dtype=torch.float64, device=DEVICE)
+    leaves = [t.requires_grad_() for t in (x, z, w, b)]
+
+    def fn(x, z, w, b):
+        return batch_norm_add_relu(x, z, torch.zeros(3, dtype=torch.float64, device=DEVICE),
+                                   torch.ones(3, dtype=torch.float64, device=DEVICE), w, b, training=training,
+                                   backend=backend, sample_scale=ss)
+
+    # Triton: fast mode (a random projection of the Jacobian); the full check takes minutes in the interpreter
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=backend != "reference")
+
+
+def test_sample_scale_cuda_backend_refused_at_the_op():
+    """torch.ops.resfused.* with a sample_scale never reach the cuda backend (its ops have no such argument)."""
+    x, z, weight, bias, rm, rv, _ = _inputs((2, 4, 3, 3), torch.float32, "nchw")
+    rm0 = rm.clone()
+    with pytest.raises(RuntimeError, match="backend 'cuda' does not implement sample_scale"):
+        torch.ops.resfused.bn_add_relu_forward_train(x, z, weight, bias, rm, rv, 0.1, 1e-5, True,
+                                                     torch.ones(2, device=DEVICE), "cuda")
+    assert torch.equal(rm, rm0)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_mean(backend, layout):
@@ -144,9 +207,9 @@ def test_mask_and_stats_match_reference(backend, layout):
     x, z, weight, bias, rm, rv, _ = _inputs((3, 13, 3, 5), torch.float32, layout)
     args = (x, z, weight, bias)
     y, mask, mean, invstd = torch.ops.resfused.bn_add_relu_forward_train(*args, rm.clone(), rv.clone(), 0.1, 1e-5,
-                                                                        True, backend)
+                                                                        True, None, backend)
     y_r, mask_r, mean_r, invstd_r = torch.ops.resfused.bn_add_relu_forward_train(*args, rm.clone(), rv.clone(), 0.1,
-                                                                                1e-5, True, "reference")
+                                                                                1e-5, True, None, "reference")
     assert mask.dtype == torch.uint8 and mask.shape == mask_r.shape
     torch.testing.assert_close(mean, mean_r, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(invstd, invstd_r, rtol=1e-5, atol=1e-6)
@@ -161,9 +224,9 @@ def test_mask_and_stats_match_reference(backend, layout):
     # the backward of this backend accepts the reference's saved tensors (same contract)
     dy = torch.randn_like(x)
     outs = torch.ops.resfused.bn_add_relu_backward(dy, x, mask_r, mean_r, invstd_r, weight, True, True, True, True,
-                                                   True, backend)
+                                                   True, None, backend)
     outs_r = torch.ops.resfused.bn_add_relu_backward(dy, x, mask_r, mean_r, invstd_r, weight, True, True, True, True,
-                                                     True, "reference")
+                                                     True, None, "reference")
     for a, b in zip(outs, outs_r):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -172,12 +235,12 @@ def test_mask_and_stats_match_reference(backend, layout):
 def test_backward_skips_unrequested_outputs(backend):
     x, z, weight, bias, rm, rv, dy = _inputs((2, 4, 3, 3), torch.float32, "nchw")
     _, mask, mean, invstd = torch.ops.resfused.bn_add_relu_forward_train(x, z, weight, bias, rm, rv, 0.1, 1e-5, True,
-                                                                        backend)
+                                                                        None, backend)
     gx, gz, gw, gb = torch.ops.resfused.bn_add_relu_backward(dy, x, mask, mean, invstd, weight, True, True, True,
-                                                             False, False, backend)
+                                                             False, False, None, backend)
     assert gx.shape == x.shape and gz.numel() == 0 and gw.numel() == 0 and gb.numel() == 0
     gx, gz, gw, gb = torch.ops.resfused.bn_add_relu_backward(dy, x, mask, mean, invstd, weight, True, True, False,
-                                                             True, True, backend)
+                                                             True, True, None, backend)
     assert gx.numel() == 0 and gz.shape == x.shape and gw.shape == (4,) and gb.shape == (4,)
 
 
@@ -220,13 +283,22 @@ def test_gradcheck_float64(backend, layout, relu, training):
 def _op_samples(backend):
     for layout in LAYOUTS:
         x, z, weight, bias, rm, rv, dy = _inputs((2, 5, 3, 3), torch.float32, layout)
-        yield "train", (x, z, weight, bias, rm, rv, 0.1, 1e-5, True, backend)
-        yield "train_plain", (x, None, None, None, None, None, 0.1, 1e-5, False, backend)
-        yield "eval", (x, z, weight, bias, rm, rv, 1e-5, True, True, backend)
+        yield "train", (x, z, weight, bias, rm, rv, 0.1, 1e-5, True, None, backend)
+        yield "train_plain", (x, None, None, None, None, None, 0.1, 1e-5, False, None, backend)
+        yield "eval", (x, z, weight, bias, rm, rv, 1e-5, True, True, None, backend)
         _, mask, mean, invstd = torch.ops.resfused.bn_add_relu_forward_train(x, z, weight, bias, rm.clone(),
-                                                                            rv.clone(), 0.1, 1e-5, True, backend)
-        yield "backward", (dy, x, mask, mean, invstd, weight, True, True, True, True, True, backend)
-        yield "backward_eval", (dy, x, mask, mean, invstd, None, True, False, True, False, True, backend)
+                                                                            rv.clone(), 0.1, 1e-5, True, None, backend)
+        yield "backward", (dy, x, mask, mean, invstd, weight, True, True, True, True, True, None, backend)
+        yield "backward_eval", (dy, x, mask, mean, invstd, None, True, False, True, False, True, None, backend)
+        if backend == "cuda":
+            continue  # no sample_scale on the cuda backend
+        ss = torch.tensor([0.0, 1.25], device=DEVICE)
+        yield "train", (x, z, weight, bias, rm, rv, 0.1, 1e-5, True, ss, backend)
+        yield "eval", (x, z, weight, bias, rm, rv, 1e-5, True, True, ss, backend)
+        _, mask, mean, invstd = torch.ops.resfused.bn_add_relu_forward_train(x, z, weight, bias, rm.clone(),
+                                                                            rv.clone(), 0.1, 1e-5, True, ss, backend)
+        yield "backward", (dy, x, mask, mean, invstd, weight, True, True, True, True, True, ss, backend)
+        yield "backward_eval", (dy, x, mask, mean, invstd, None, True, False, True, False, True, ss, backend)
 
 
 _OPS = {"train": op.bn_add_relu_forward_train, "train_plain": op.bn_add_relu_forward_train,
@@ -247,7 +319,7 @@ def test_fake_outputs_keep_layout_and_dtypes():
         x = torch.empty(2, 16, 5, 3, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
         w = torch.empty(16)
         y, mask, mean, invstd = torch.ops.resfused.bn_add_relu_forward_train(x, x, w, w, w, w, 0.1, 1e-5, True,
-                                                                            "reference")
+                                                                            None, "reference")
         assert y.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.bfloat16
         assert mask.shape == (2 * 5 * 3, 2) and mask.dtype == torch.uint8
         assert mean.dtype == torch.float32 and invstd.shape == (16,)

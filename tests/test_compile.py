@@ -30,6 +30,47 @@ def test_functional_fullgraph_matches_eager(backend):
     torch.testing.assert_close(args[3], eager_args[3])
 
 
+@pytest.mark.parametrize("backend", [b for b in usable_backends() if b != "cuda"])
+def test_functional_sample_scale_fullgraph_matches_eager(backend):
+    """A per-sample scale (drop-path) is one more op argument: one graph, eager's output and gradients."""
+    def f(x, z, rm, rv, w, b, s):
+        return batch_norm_add_relu(x, z, rm, rv, w, b, training=True, backend=backend, sample_scale=s)
+
+    args = [torch.randn(3, 4, 3, 3, device=DEVICE), torch.randn(3, 4, 3, 3, device=DEVICE),
+            torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE), torch.rand(4, device=DEVICE),
+            torch.randn(4, device=DEVICE), torch.tensor([0.0, 1.25, 1.25], device=DEVICE)]
+    results = []
+    for fn in (torch.compile(f, backend="aot_eager", fullgraph=True), f):
+        a = [t.clone().requires_grad_(i in (0, 1, 4, 5)) for i, t in enumerate(args)]
+        y = fn(*a)
+        results.append([y, *torch.autograd.grad(y.square().sum(), [a[i] for i in (0, 1, 4, 5)]), a[2], a[3]])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+def test_timm_drop_path_block_fullgraph_matches_eager():
+    """A converted timm block with an active DropPath compiles in one graph; the keep mask is drawn inside
+    it, from the same RNG stream: same seed, same output and gradients as eager."""
+    timm = pytest.importorskip("timm")
+    from timm.models import resnet as timm_resnet
+
+    torch.manual_seed(0)
+    block = resfused.convert(torch.nn.Sequential(
+        timm_resnet.BasicBlock(8, 8, drop_path=timm.layers.DropPath(0.5))), backend="reference").to(DEVICE)
+    assert type(block[0]).__name__ == "TimmBasicBlock"
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, backend=counter, fullgraph=True)
+    x = torch.randn(8, 8, 4, 4, device=DEVICE)
+    results = []
+    for fn in (compiled, block):
+        torch.manual_seed(1)
+        y = fn(x)
+        results.append([y, *torch.autograd.grad(y.square().sum(), list(block.parameters()))])
+    assert counter.frame_count == 1
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
 def test_backend_resolution_traces_without_graph_breaks():
     """Resolving a backend for CUDA tensors inside a compiled region (auto, or an explicit name) probes
     imports and the dispatcher: those probes are constants to dynamo, never traced (no graph break)."""

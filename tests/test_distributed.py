@@ -4,8 +4,8 @@ One module-scoped spawn of two ranks runs every distributed scenario and saves w
 tests compare those results, in this process, with stock PyTorch on the concatenated batch:
   * the op: outputs, input and residual gradients, weight/bias gradients (summed over ranks), running
     stats and num_batches_tracked over two steps, equal F.batch_norm(+ residual, relu) on the whole
-    batch; exactly one collective per forward and one per backward; none in eval; bad input raises
-    before any collective and changes no state;
+    batch (also with a per-sample scale, drop-path); exactly one collective per forward and one per
+    backward; none in eval; bad input raises before any collective and changes no state;
   * convert() of an nn.SyncBatchNorm model keeps its process group; revert() restores SyncBatchNorm;
   * a DDP-wrapped converted resnet18 trains two SGD steps like stock resnet18 on the whole batch.
 A hang fails the fixture after TIMEOUT_S instead of blocking the suite.
@@ -47,6 +47,10 @@ CASES = {
     "cl_no_relu_momentum_none_subgroup": dict(split=(2, 2), c=3, hw=(4, 2), dtype=torch.float64, layout="cl",
                                               relu=False, residual=False, affine=False, momentum=None,
                                               group="new_group"),
+    # A per-sample scale on the BN output (drop-path): y = relu(s[n] * bn(x) + residual), statistics of x.
+    "drop_path_sample_scale": dict(split=(3, 2), c=5, hw=(3, 3), dtype=torch.float64, layout="cl", relu=True,
+                                   residual=True, affine=True, momentum=0.1, group="world",
+                                   sample_scale=[1.25, 0.0, 1.25, 0.5, 0.0]),
     "empty_rank": dict(split=(4, 0), c=4, hw=(2, 3), dtype=torch.float64, layout="nchw", relu=True,
                        residual=True, affine=True, momentum=0.1, group="world"),
     # Inputs far from zero in float32: E[x^2] - E[x]^2 would lose the variance (4 against 1e6) here: its
@@ -79,7 +83,11 @@ def _case_tensors(case):
     dt = torch.float64
     x = torch.randn(shape, generator=g, dtype=dt) * 2 + torch.randn(1, c, 1, 1, generator=g, dtype=dt)
     x = x + case.get("offset", 0.0)
-    t = dict(x=x, residual=torch.randn(shape, generator=g, dtype=dt),
+    if "sample_scale" in case:
+        extra = dict(sample_scale=torch.tensor(case["sample_scale"], dtype=dt))
+    else:
+        extra = {}
+    t = dict(x=x, residual=torch.randn(shape, generator=g, dtype=dt), **extra,
              upstream=torch.randn(shape, generator=g, dtype=dt),
              weight=torch.rand(c, generator=g, dtype=dt) + 0.5, bias=torch.rand(c, generator=g, dtype=dt) - 0.5,
              running_mean=torch.rand(c, generator=g, dtype=dt) - 0.5,
@@ -144,6 +152,7 @@ def _run_case(case, backend, rank, group, counter):
     if case["residual"]:
         residual = _local(t["residual"], case, rank).clone().contiguous(memory_format=fmt).requires_grad_()
     upstream = _local(t["upstream"], case, rank)
+    sample_scale = _local(t["sample_scale"], case, rank) if "sample_scale" in t else None
     bn = BatchNormAddReLU2d(case["c"], momentum=case["momentum"], affine=case["affine"], relu=case["relu"],
                             backend=backend, process_group=group, dtype=case["dtype"]).train()
     with torch.no_grad():
@@ -155,7 +164,7 @@ def _run_case(case, backend, rank, group, counter):
     out = dict(steps=[])
     for _ in range(STEPS):
         counter.take()
-        y = bn(x, residual)
+        y = bn(x, residual, sample_scale=sample_scale)
         fwd_calls = counter.take()
         (y * upstream).sum().backward()
         step = dict(y=y.detach().clone(), y_is_cl=y.is_contiguous(memory_format=torch.channels_last),
@@ -299,6 +308,8 @@ def _oracle(case):
         for i in range(STEPS):
             factor = 1.0 / (i + 1) if case["momentum"] is None else case["momentum"]
             y = F.batch_norm(x, rm, rv, weight, bias, True, factor, 1e-5)
+            if "sample_scale" in t:
+                y = y * t["sample_scale"].view(-1, 1, 1, 1)
             if residual is not None:
                 y = y + residual
             if case["relu"]:

@@ -127,3 +127,36 @@ def test_convert_unknown_backend():
     torchvision = pytest.importorskip("torchvision")
     with pytest.raises(ValueError, match="backend must be one of"):
         resfused.convert(torchvision.models.resnet18(), backend="tensorrt")
+
+
+def test_sample_scale_wrong_shape():
+    _expect(ValueError, r"sample_scale must have shape \(2,\) to match input's batch of 2, got \(3,\)",
+            sample_scale=torch.ones(3, device=DEVICE))
+    _expect(ValueError, r"sample_scale must have shape \(2,\)", sample_scale=torch.ones(2, 1, device=DEVICE))
+
+
+def test_sample_scale_wrong_dtype():
+    _expect(ValueError, "sample_scale must have the statistics dtype torch.float32 for torch.float32 input, got "
+            "torch.float16", sample_scale=torch.ones(2, dtype=torch.float16, device=DEVICE))
+
+
+def test_sample_scale_wrong_device():
+    _expect(ValueError, "sample_scale is on meta", sample_scale=torch.empty(2, device="meta"))
+
+
+def test_sample_scale_requires_grad():
+    _expect(ValueError, "sample_scale must not require grad: it is not differentiable",
+            sample_scale=torch.ones(2, device=DEVICE, requires_grad=True))
+
+
+def test_sample_scale_not_a_tensor():
+    _expect(TypeError, "sample_scale must be a Tensor or None, got list", sample_scale=[1.0, 1.0])
+
+
+def test_module_bad_sample_scale_changes_no_state():
+    bn = BatchNormAddReLU2d(4).to(DEVICE).train()
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(ValueError, match="sample_scale must have shape"):
+        bn(torch.randn(2, 4, 3, 3, device=DEVICE), None, sample_scale=torch.ones(4, device=DEVICE))
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, state[k]), f"{k} changed"

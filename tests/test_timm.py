@@ -1,5 +1,6 @@
 """resfused.convert on timm ResNets (timm.models.resnet) and pre-activation ResNetV2s (timm.models.resnetv2):
-same outputs, gradients and running stats as stock timm; checkpoints both ways; non-plain blocks left alone."""
+same outputs, gradients and running stats as stock timm (with drop-path too); checkpoints both ways; non-plain
+blocks left alone."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from resfused.nn import BatchNormAddReLU2d, TimmBasicBlock, TimmBottleneck
 from conftest import DEVICE, HAS_CUDA, usable_backends
 
 timm = pytest.importorskip("timm")
-from timm.layers import BatchNormAct2d, BlurPool2d, DropBlock2d, SyncBatchNormAct  # noqa: E402
+from timm.layers import BatchNormAct2d, BlurPool2d, DropBlock2d, DropPath, SyncBatchNormAct  # noqa: E402
 from timm.models import resnet as timm_resnet, resnetv2 as timm_resnetv2  # noqa: E402
 
 PLAIN = ["resnet18", "resnet50"]
@@ -186,9 +187,8 @@ def _one_block_cases():
                  "norm layer bn1 is GroupNorm"),
         "drop_block": (lambda: timm_resnet.Bottleneck(32, 8, drop_block=partial(DropBlock2d, drop_prob=0.1)),
                        "drop_block (DropBlock2d, drop_prob=0.1)"),
-        "drop_path": (lambda: timm_resnet.BasicBlock(8, 8, drop_path=timm.layers.DropPath(0.2)),
-                      "drop_path (DropPath, drop_prob=0.2), active in training; fusing the per-sample drop-path "
-                      "scale is not implemented"),
+        "drop_path_not_timm": (lambda: timm_resnet.BasicBlock(8, 8, drop_path=nn.Dropout(0.2)),
+                               "drop_path (Dropout, drop_prob=?), not timm.layers.DropPath"),
         "preact_group_norm": (lambda: timm_resnetv2.PreActBottleneck(128, 128),
                               "its norm layer norm1 is GroupNormAct, not BatchNormAct2d"),
         "preact_activation": (lambda: timm_resnetv2.PreActBasic(
@@ -219,24 +219,89 @@ def test_seresnet18_left_alone(caplog):
     assert len(lines) == 8 and all("attention module (se: SEModule)" in line for line in lines), lines
 
 
-def test_drop_path_blocks_left_alone_and_model_trains_like_stock(caplog):
-    """drop_path_rate > 0: blocks with an active DropPath stay timm's (one log line each), the first block
-    (drop probability 0) is fused; with the same RNG seed the mixed model trains exactly like stock."""
+def _record_sample_scales(monkeypatch):
+    """Spy on the per-sample scales the fused blocks draw: (drop_prob, (N,) scale) in call order."""
+    from resfused.nn import timm_blocks
+
+    drawn = []
+    real = timm_blocks.drop_path_sample_scale
+
+    def spy(drop_path, x):
+        s = real(drop_path, x)
+        if s is not None:
+            drawn.append((drop_path.drop_prob, s.clone()))
+        return s
+
+    monkeypatch.setattr(timm_blocks, "drop_path_sample_scale", spy)
+    return drawn
+
+
+DROP_PATH_CASES = [b for b in usable_backends() if b != "cuda" and (HAS_CUDA or b == "reference")]
+
+
+@pytest.mark.parametrize("backend", DROP_PATH_CASES)
+def test_drop_path_model_trains_like_stock(backend, monkeypatch, caplog):
+    """drop_path_rate > 0: every block is fused, timm's DropPath becoming the fused op's per-sample scale.
+    The keep masks are drawn where and as timm draws them, so with the same seed two SGD steps give stock's
+    outputs, gradients, parameters and BN buffers (float64, 1e-6 norm-relative), and eval matches too."""
+    drawn = _record_sample_scales(monkeypatch)
     with caplog.at_level(logging.INFO, logger="resfused"):
-        ours = resfused.convert(_model("resnet18", drop_path_rate=0.2).double(), backend="reference")
-    assert isinstance(ours.layer1[0], TimmBasicBlock)
-    assert len(_stock_blocks(ours)) == 7
-    lines = [r.getMessage() for r in caplog.records if r.name == "resfused"]
-    assert len(lines) == 7 and all("drop_path (DropPath" in line for line in lines), lines
-    stock = _model("resnet18", drop_path_rate=0.2).double()
-    x = torch.randn(4, 3, 16, 16, device=DEVICE, dtype=torch.float64)
-    target = torch.randint(0, 10, (4,), device=DEVICE)
+        ours = resfused.convert(_model("resnet18", drop_path_rate=0.5).double(), backend=backend)
+    assert not [r for r in caplog.records if r.name == "resfused"]
+    _assert_fully_converted("resnet18", ours)
+    blocks = [m for m in ours.modules() if isinstance(m, TimmBasicBlock)]
+    assert sum(type(b.drop_path) is DropPath for b in blocks) == 7  # timm gives the first block rate 0: None
+    stock = _model("resnet18", drop_path_rate=0.5).double()
+    x = torch.randn(8, 3, 16, 16, device=DEVICE, dtype=torch.float64)
+    target = torch.randint(0, 10, (8,), device=DEVICE)
     (outs_s, grads_s), (outs_o, grads_o) = (_train_steps(stock, x, target, seed=3),
                                             _train_steps(ours, x, target, seed=3))
-    for a, b in zip(outs_o, outs_s):
-        assert _nrel(a, b) < 1e-6
+    # 7 DropPath blocks x 2 steps, each drawing (8,) scales: 0 (dropped) or 1/keep_prob; some of each
+    assert len(drawn) == 14
+    for p, scale in drawn:
+        assert ((scale == 0) | (scale == 1 / (1 - p))).all(), (p, scale)
+    values = torch.cat([scale for _, scale in drawn])
+    assert (values == 0).any() and (values > 0).any()
+    for step, (a, b) in enumerate(zip(outs_o, outs_s)):
+        assert _nrel(a, b) < 1e-6, f"output of step {step}"
     for n, g in grads_o.items():
-        assert _nrel(g, grads_s[n]) < 1e-6, n
+        assert _nrel(g, grads_s[n]) < 1e-6, f"grad {n}"
+    _assert_state_close(ours, stock, 1e-6)
+    with torch.no_grad():
+        assert _nrel(ours.eval()(x), stock.eval()(x)) < 1e-6
+    assert len(drawn) == 14  # eval draws nothing
+
+
+@pytest.mark.parametrize("scale_by_keep", [True, False], ids=["scale_by_keep", "no_scale_by_keep"])
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_drop_path_block_matches_stock(kind, scale_by_keep):
+    """One block with a projection shortcut, drop_prob 0.5 (scale_by_keep on and off): output, input and
+    parameter gradients, running stats equal stock timm's under the same seed."""
+    def make():
+        torch.manual_seed(0)
+        planes, cls = (16, timm_resnet.BasicBlock) if kind == "basic" else (8, timm_resnet.Bottleneck)
+        out = planes * cls.expansion
+        down = nn.Sequential(nn.Conv2d(8, out, 1, stride=2, bias=False), nn.BatchNorm2d(out))
+        return cls(8, planes, stride=2, downsample=down, drop_path=DropPath(0.5, scale_by_keep=scale_by_keep)).to(
+            DEVICE).double()
+
+    stock, ours = make(), resfused.convert(nn.Sequential(make()), backend="reference")
+    assert isinstance(ours[0], (TimmBasicBlock, TimmBottleneck))
+    x = torch.randn(8, 8, 6, 6, device=DEVICE, dtype=torch.float64)
+    results = []
+    for model in (stock, ours):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        y = model(xi)
+        y.square().sum().backward()
+        results.append((y.detach(), xi.grad, {n: p.grad for n, p in model.named_parameters()},
+                        [b.clone() for n, b in model.named_buffers() if "running" in n]))
+    (ys, gxs, gps, bufs_s), (yo, gxo, gpo, bufs_o) = results
+    assert _nrel(yo, ys) < 1e-10 and _nrel(gxo, gxs) < 1e-10
+    for (n, g), g_s in zip(gpo.items(), gps.values()):
+        assert _nrel(g, g_s) < 1e-10, n
+    for b, b_s in zip(bufs_o, bufs_s):
+        assert _nrel(b, b_s) < 1e-12
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnetv2_18"])
@@ -266,13 +331,27 @@ def test_fused_blocks_build_a_timm_resnet():
         b = timm_resnet.ResNet(block=theirs, layers=(1, 1, 1, 1), num_classes=10)
         assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
         assert isinstance(a.layer2[0].bn2, BatchNormAddReLU2d)
+    c = timm_resnet.ResNet(block=TimmBasicBlock, layers=(1, 1, 1, 1), num_classes=10, drop_path_rate=0.1)
+    assert type(c.layer4[0].drop_path) is DropPath
+
+
+def test_revert_restores_drop_path():
+    """convert keeps timm's DropPath modules in the fused blocks; revert puts the same objects back."""
+    model = _model("resnet18", drop_path_rate=0.2)
+    drop_paths = [b.drop_path for b in _stock_blocks(model)]
+    resfused.convert(model)
+    assert [b.drop_path for b in model.modules() if isinstance(b, TimmBasicBlock)] == drop_paths
+    resfused.revert(model)
+    assert _fused_count(model) == 0
+    assert [b.drop_path for b in _stock_blocks(model)] == drop_paths
+    assert [type(m) for m in model.modules()] == [type(m) for m in _model("resnet18", drop_path_rate=0.2).modules()]
 
 
 @pytest.mark.parametrize("kw,match", [
     (dict(attn_layer="se"), "attn_layer must be None in a fused block"),
     (dict(act_layer=nn.SiLU), "act_layer must be nn.ReLU"),
     (dict(norm_layer=nn.GroupNorm), "norm_layer must be nn.BatchNorm2d"),
-    (dict(drop_path=nn.Identity()), "drop_path must be None in a fused block"),
+    (dict(drop_path=nn.Identity()), "drop_path must be None or a timm.layers.DropPath"),
 ])
 def test_fused_block_rejects_non_plain_arguments(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -32,6 +32,10 @@ Passes over memory, counted in tensors of x's size (the 1-bit mask is 1/16 of a 
                                                                       total  2 (3 with z; +1/16 mask)
   Floor: the same (one read of each input, one write of each output).
 
+With a per-sample scale (sample_scale, stochastic depth: y = relu(s[n]*((x - mean)*a + b) + z)) every
+kernel that touches the normalised branch also reads s: N values, nothing next to the tensor passes. The
+backward stores g = dy*mask as grad_residual and reduces and differentiates s[n]*g.
+
 Numerics: statistics, affine math and reductions accumulate in the statistics dtype (fp32, fp64 for
 fp64 input), whatever the input dtype. Mean and variance use per-tile two-pass moments merged with
 Chan's formula, on data shifted by one sample of the channel (so inputs far from zero, e.g. mean 1e4,
@@ -275,6 +279,19 @@ def _load_mask_bits(mask_ptr, t, c, ok, C, HW, R, S_TILES, CB, SB, CHANNELS_LAST
 
 
 @triton.jit
+def _sample_scale_rows(ss_ptr, t, HW, R, S_TILES, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr):
+    """sample_scale[n] of each row of tile ``t`` as [BLOCK_R] (sample_scale's dtype, the statistics dtype).
+    channels_last rows are (n, h, w) positions, n = row // HW; an NCHW tile lies inside one sample,
+    n = t // S_TILES."""
+    if CHANNELS_LAST:
+        rows = tl.cast(t, tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        s = tl.load(ss_ptr + rows // HW, mask=rows < R, other=0.0)
+    else:
+        s = tl.zeros([BLOCK_R], dtype=ss_ptr.dtype.element_ty) + tl.load(ss_ptr + t // S_TILES)
+    return s
+
+
+@triton.jit
 def _inv_sqrt(v):
     """1/sqrt(v), correctly rounded sqrt (tl.rsqrt is an approximation on GPUs)."""
     if v.dtype == tl.float64:
@@ -390,14 +407,16 @@ def _bn_stats_finalize_kernel(ws_ptr, x_ptr, mean_ptr, invstd_ptr, rm_ptr, rv_pt
 # forward apply (training and eval)
 # ---------------------------------------------------------------------------------------------------
 
-@_autotuned(key=["C", "HW", "R", "HAS_RESIDUAL", "RELU", "WRITE_MASK", "CHANNELS_LAST"])
+@_autotuned(key=["C", "HW", "R", "HAS_RESIDUAL", "HAS_SAMPLE_SCALE", "RELU", "WRITE_MASK", "CHANNELS_LAST"])
 @triton.jit
-def _bn_apply_kernel(x_ptr, z_ptr, y_ptr, mask_ptr, mean_ptr, scale_ptr, weight_ptr, bias_ptr,
+def _bn_apply_kernel(x_ptr, z_ptr, y_ptr, mask_ptr, mean_ptr, scale_ptr, weight_ptr, bias_ptr, ss_ptr,
                      C, HW, R, S_TILES, CB, SB, eps_hi, eps_lo,
                      SCALE_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, WRITE_MASK: tl.constexpr,
-                     CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """y = relu((x - mean)*a + b + z) for one tile, a = weight*invstd, b = bias; writes the packed mask.
+                     HAS_RESIDUAL: tl.constexpr, HAS_SAMPLE_SCALE: tl.constexpr, RELU: tl.constexpr,
+                     WRITE_MASK: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    """y = relu(s[n]*((x - mean)*a + b) + z) for one tile, a = weight*invstd, b = bias, s = sample_scale
+    (1 without HAS_SAMPLE_SCALE); writes the packed mask.
 
     scale_ptr holds invstd (training) or the running variance (SCALE_IS_VAR, eval: invstd is folded
     here as 1/sqrt(var + eps))."""
@@ -421,6 +440,8 @@ def _bn_apply_kernel(x_ptr, z_ptr, y_ptr, mask_ptr, mean_ptr, scale_ptr, weight_
     ok = rows_ok[:, None] & c_ok[None, :]
     x = tl.load(x_ptr + base + offs, mask=ok, other=0.0).to(acc_ty)
     acc = (x - mean[None, :]) * a[None, :] + b[None, :]
+    if HAS_SAMPLE_SCALE:
+        acc = acc * _sample_scale_rows(ss_ptr, t, HW, R, S_TILES, CHANNELS_LAST, BLOCK_R)[:, None].to(acc_ty)
     if HAS_RESIDUAL:
         acc = acc + tl.load(z_ptr + base + offs, mask=ok, other=0.0).to(acc_ty)
     if RELU:
@@ -436,13 +457,14 @@ def _bn_apply_kernel(x_ptr, z_ptr, y_ptr, mask_ptr, mean_ptr, scale_ptr, weight_
 # backward
 # ---------------------------------------------------------------------------------------------------
 
-@_autotuned(key=["C", "HW", "R", "HAS_MASK", "WRITE_G", "CHANNELS_LAST"])
+@_autotuned(key=["C", "HW", "R", "HAS_MASK", "WRITE_G", "HAS_SAMPLE_SCALE", "CHANNELS_LAST"])
 @triton.jit
-def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, mask_ptr, g_ptr, mean_ptr, ws_ptr, C, HW, R, S_TILES, CB, SB, row_tiles,
-                          HAS_MASK: tl.constexpr, WRITE_G: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """g = dy*mask (stored when WRITE_G: it is the residual's gradient); per-program partial sums of g
-    and g*(x - mean) into ws (2, P, C)."""
+def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, mask_ptr, g_ptr, mean_ptr, ss_ptr, ws_ptr, C, HW, R, S_TILES, CB, SB,
+                          row_tiles, HAS_MASK: tl.constexpr, WRITE_G: tl.constexpr, HAS_SAMPLE_SCALE: tl.constexpr,
+                          CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """g = dy*mask (stored when WRITE_G: it is the residual's gradient); per-program partial sums of
+    gb and gb*(x - mean) into ws (2, P, C), gb = s[n]*g the BN branch's gradient (g without
+    HAS_SAMPLE_SCALE)."""
     pid_r = tl.program_id(0)
     n_prog = tl.num_programs(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -460,6 +482,8 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, mask_ptr, g_ptr, mean_ptr, ws_ptr, C, H
             g = tl.where(bits, g, 0.0)
         if WRITE_G:
             tl.store(g_ptr + base + offs, g.to(g_ptr.dtype.element_ty), mask=ok)
+        if HAS_SAMPLE_SCALE:
+            g = g * _sample_scale_rows(ss_ptr, t, HW, R, S_TILES, CHANNELS_LAST, BLOCK_R)[:, None].to(acc_ty)
         x = tl.load(x_ptr + base + offs, mask=ok, other=0.0).to(acc_ty)
         xc = tl.where(ok, x - mean[None, :], 0.0)
         sum_g = sum_g + tl.sum(g, axis=0)
@@ -490,17 +514,20 @@ def _bn_bwd_finalize_kernel(ws_ptr, invstd_ptr, sum_g_ptr, sum_gxhat_ptr, C, P,
     tl.store(sum_gxhat_ptr + c, sum_gx * invstd, mask=c_ok)
 
 
-@_autotuned(key=["C", "HW", "R", "G_FROM_BUFFER", "HAS_MASK", "WRITE_G", "WRITE_DX", "TRAINING", "CHANNELS_LAST"])
+@_autotuned(key=["C", "HW", "R", "G_FROM_BUFFER", "HAS_MASK", "WRITE_G", "WRITE_DX", "TRAINING", "HAS_SAMPLE_SCALE",
+                 "CHANNELS_LAST"])
 @triton.jit
 def _bn_bwd_elementwise_kernel(dy_ptr, mask_ptr, g_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr,
-                               sum_g_ptr, sum_gxhat_ptr, C, HW, R, S_TILES, CB, SB,
+                               sum_g_ptr, sum_gxhat_ptr, ss_ptr, C, HW, R, S_TILES, CB, SB,
                                G_FROM_BUFFER: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_G: tl.constexpr,
                                WRITE_DX: tl.constexpr, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                               CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dx = w*invstd*(g - sum(g)/n - xhat*sum(g*xhat)/n) (training) or w*invstd*g (eval), for one tile.
+                               HAS_SAMPLE_SCALE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx = w*invstd*(gb - sum(gb)/n - xhat*sum(gb*xhat)/n) (training) or w*invstd*gb (eval), for one tile,
+    gb = s[n]*g (g without HAS_SAMPLE_SCALE); the sums are the BN branch's (the reduce kernel's).
 
-    g is read from g_ptr (G_FROM_BUFFER, written by the reduce kernel) or rebuilt from dy and the mask,
-    and then optionally stored to g_ptr (WRITE_G: grad_residual when no reduction ran)."""
+    g (= dy*mask) is read from g_ptr (G_FROM_BUFFER, written by the reduce kernel) or rebuilt from dy and
+    the mask, and then optionally stored to g_ptr (WRITE_G: grad_residual when no reduction ran)."""
     t = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
@@ -517,6 +544,8 @@ def _bn_bwd_elementwise_kernel(dy_ptr, mask_ptr, g_ptr, x_ptr, dx_ptr, mean_ptr,
         if WRITE_G:
             tl.store(g_ptr + base + offs, g.to(g_ptr.dtype.element_ty), mask=ok)
     if WRITE_DX:
+        if HAS_SAMPLE_SCALE:
+            g = g * _sample_scale_rows(ss_ptr, t, HW, R, S_TILES, CHANNELS_LAST, BLOCK_R)[:, None].to(acc_ty)
         invstd = tl.load(invstd_ptr + c, mask=c_ok, other=0.0)
         k = invstd
         if HAS_WEIGHT:
@@ -552,25 +581,28 @@ def _empty_mask_for(x: Tensor, geo: _Geometry, relu: bool, want: bool) -> Tensor
     return torch.empty(_layout.mask_shape(x.shape, geo.layout), dtype=torch.uint8, device=x.device)
 
 
-def _launch_apply(x, residual, y, mask, mean, scale, weight, bias, eps, scale_is_var, relu, write_mask,
-                  geo: _Geometry):
+def _launch_apply(x, residual, y, mask, mean, scale, weight, bias, sample_scale, eps, scale_is_var, relu,
+                  write_mask, geo: _Geometry):
     eps_hi, eps_lo = _split_f64(eps)
     _bn_apply_kernel[(geo.row_tiles, geo.channel_blocks)](
         x, residual if residual is not None else x, y, mask if write_mask else y, mean, scale,
         weight if weight is not None else mean, bias if bias is not None else mean,
+        sample_scale if sample_scale is not None else mean,
         *geo.common(), eps_hi, eps_lo,
         SCALE_IS_VAR=scale_is_var, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, RELU=relu, WRITE_MASK=write_mask, **geo.blocks())
+        HAS_RESIDUAL=residual is not None, HAS_SAMPLE_SCALE=sample_scale is not None, RELU=relu,
+        WRITE_MASK=write_mask, **geo.blocks())
 
 
 def forward_train(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                   running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float, eps: float,
-                  relu: bool):
-    """Batch statistics, running-stats update, y = relu((x - mean)*a + b + residual).
+                  relu: bool, sample_scale: Optional[Tensor] = None):
+    """Batch statistics (of x), running-stats update, y = relu(s[n]*((x - mean)*a + b) + residual).
 
-    x: (N, C, H, W) NCHW-contiguous or channels_last; residual None or like x. Returns (y, mask, mean,
-    invstd): y like x, the packed uint8 ReLU mask (empty without relu), mean/invstd (C,) in the
-    statistics dtype. running_mean/running_var are updated in place (unbiased variance)."""
+    x: (N, C, H, W) NCHW-contiguous or channels_last; residual None or like x; sample_scale None (s = 1)
+    or (N,) in the statistics dtype. Returns (y, mask, mean, invstd): y like x, the packed uint8 ReLU
+    mask (empty without relu), mean/invstd (C,) in the statistics dtype. running_mean/running_var are
+    updated in place (unbiased variance)."""
     geo = _Geometry(x)
     stats_dtype = _layout.stats_dtype(x.dtype)
     c = geo.C
@@ -600,7 +632,8 @@ def forward_train(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor
             geo.row_programs, eps_hi, eps_lo, mom_hi, mom_lo,
             HAS_RUNNING=has_running, CHANNELS_LAST=geo.channels_last, BLOCK_P=_FINAL_BLOCK_P,
             BLOCK_C=_FINAL_BLOCK_C)
-        _launch_apply(x, residual, y, mask, mean, invstd, weight, bias, eps, False, relu, relu, geo)
+        _launch_apply(x, residual, y, mask, mean, invstd, weight, bias, _vec(sample_scale), eps, False, relu, relu,
+                      geo)
     if has_running:
         if rm is not running_mean:
             running_mean.copy_(rm)
@@ -610,8 +643,9 @@ def forward_train(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor
 
 
 def forward_eval(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                 running_mean: Tensor, running_var: Tensor, eps: float, relu: bool, save_mask: bool):
-    """y = relu((x - running_mean)*a + b + residual), a = weight/sqrt(running_var + eps), in one pass.
+                 running_mean: Tensor, running_var: Tensor, eps: float, relu: bool, save_mask: bool,
+                 sample_scale: Optional[Tensor] = None):
+    """y = relu(s[n]*((x - running_mean)*a + b) + residual), a = weight/sqrt(running_var + eps), in one pass.
 
     Returns (y, mask); the mask is empty unless relu and save_mask."""
     geo = _Geometry(x)
@@ -624,19 +658,21 @@ def forward_eval(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor]
     if residual is not None:
         residual = _dense_like(residual, geo)
     with _on_device(x):
-        _launch_apply(x, residual, y, mask, _vec(running_mean), _vec(running_var), _vec(weight), _vec(bias), eps,
-                      True, relu, write_mask, geo)
+        _launch_apply(x, residual, y, mask, _vec(running_mean), _vec(running_var), _vec(weight), _vec(bias),
+                      _vec(sample_scale), eps, True, relu, write_mask, geo)
     return y, mask
 
 
 def backward(grad_out: Tensor, x: Tensor, mask: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
-             relu: bool, training: bool, need_input_grad: bool, need_residual_grad: bool, need_weight_grad: bool):
-    """Gradients of y = relu(w*(x - mean)*invstd + b + residual).
+             relu: bool, training: bool, need_input_grad: bool, need_residual_grad: bool, need_weight_grad: bool,
+             sample_scale: Optional[Tensor] = None):
+    """Gradients of y = relu(s[n]*(w*(x - mean)*invstd + b) + residual) (s = 1 without sample_scale).
 
     grad_out and x: (N, C, H, W) in x's layout; mask as saved by the forward; mean/invstd (C,) in the
     statistics dtype (batch statistics, or the running ones with training=False, when they are constants).
     Returns (grad_input, grad_residual, grad_weight, grad_bias); outputs not asked for are fresh empty
-    tensors (grad_weight and grad_bias come together)."""
+    tensors (grad_weight and grad_bias come together). grad_residual is g = dy*mask, the BN branch gets
+    s[n]*g."""
     geo = _Geometry(x)
     stats_dtype = mean.dtype
     c = geo.C
@@ -661,13 +697,16 @@ def backward(grad_out: Tensor, x: Tensor, mask: Tensor, mean: Tensor, invstd: Te
     mask = mask.contiguous() if relu else x  # x: a placeholder pointer, never read without a mask
     mean, invstd, weight = _vec(mean), _vec(invstd), _vec(weight)
     w_arg = weight if weight is not None else invstd
+    has_ss = sample_scale is not None
+    ss_arg = _vec(sample_scale) if has_ss else invstd
     need_reduce = need_weight_grad or (need_input_grad and training)
     with _on_device(x):
         if need_reduce:
             ws = torch.empty((2, geo.row_programs, c), dtype=stats_dtype, device=x.device)
             _bn_bwd_reduce_kernel[(geo.row_programs, geo.channel_blocks)](
-                grad_out, x, mask, grad_residual if need_residual_grad else grad_out, mean, ws,
-                *geo.common(), geo.row_tiles, HAS_MASK=relu, WRITE_G=need_residual_grad, **geo.blocks())
+                grad_out, x, mask, grad_residual if need_residual_grad else grad_out, mean, ss_arg, ws,
+                *geo.common(), geo.row_tiles, HAS_MASK=relu, WRITE_G=need_residual_grad, HAS_SAMPLE_SCALE=has_ss,
+                **geo.blocks())
             if need_weight_grad:
                 sum_g, sum_gxhat = grad_bias, grad_weight
             else:
@@ -680,14 +719,15 @@ def backward(grad_out: Tensor, x: Tensor, mask: Tensor, mean: Tensor, invstd: Te
                 g_from_buffer = need_residual_grad and grad_out.dtype == x.dtype
                 _bn_bwd_elementwise_kernel[(geo.row_tiles, geo.channel_blocks)](
                     grad_out, mask, grad_residual if need_residual_grad else grad_out, x, grad_input, mean, invstd,
-                    w_arg, sum_g, sum_gxhat, *geo.common(),
+                    w_arg, sum_g, sum_gxhat, ss_arg, *geo.common(),
                     G_FROM_BUFFER=g_from_buffer, HAS_MASK=relu, WRITE_G=False, WRITE_DX=True, TRAINING=training,
-                    HAS_WEIGHT=weight is not None, **geo.blocks())
+                    HAS_WEIGHT=weight is not None, HAS_SAMPLE_SCALE=has_ss, **geo.blocks())
         elif need_input_grad or need_residual_grad:
             # No reduction: dx (if asked) is w*invstd*g with constant statistics; g written if asked.
             _bn_bwd_elementwise_kernel[(geo.row_tiles, geo.channel_blocks)](
                 grad_out, mask, grad_residual if need_residual_grad else grad_out, x,
-                grad_input if need_input_grad else grad_out, mean, invstd, w_arg, invstd, invstd, *geo.common(),
-                G_FROM_BUFFER=False, HAS_MASK=relu, WRITE_G=need_residual_grad, WRITE_DX=need_input_grad,
-                TRAINING=False, HAS_WEIGHT=weight is not None, **geo.blocks())
+                grad_input if need_input_grad else grad_out, mean, invstd, w_arg, invstd, invstd, ss_arg,
+                *geo.common(), G_FROM_BUFFER=False, HAS_MASK=relu, WRITE_G=need_residual_grad,
+                WRITE_DX=need_input_grad, TRAINING=False, HAS_WEIGHT=weight is not None, HAS_SAMPLE_SCALE=has_ss,
+                **geo.blocks())
     return grad_input, grad_residual, grad_weight, grad_bias

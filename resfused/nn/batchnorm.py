@@ -29,7 +29,9 @@ class BatchNormAddReLU2d(nn.BatchNorm2d):
             See resfused.ops.sync_bn_add_relu.
 
     Shape: input (N, C, H, W), contiguous or channels_last, float16/bfloat16/float32; residual None or
-    the same shape, dtype and device; output like input.
+    the same shape, dtype and device; output like input. ``forward(input, residual, sample_scale=s)``
+    computes ``relu(s[n] * bn(input) + residual)`` (s: (N,) float32, not differentiable; timm's
+    drop-path, see resfused.nn.TimmBasicBlock), with the batch statistics of ``input``.
     """
 
     # Class default: modules pickled before process_group existed load as unsynchronised.
@@ -89,11 +91,12 @@ class BatchNormAddReLU2d(nn.BatchNorm2d):
             s += f", process_group={self.process_group!r}"
         return s if self.backend is None else s + f", backend={self.backend!r}"
 
-    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                sample_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.process_group is not None and self.training:
             resolved = _sync_op.resolve_group(self.process_group)
             if resolved is not None:
-                return self._forward_synchronized(input, residual, *resolved)
+                return self._forward_synchronized(input, residual, *resolved, sample_scale=sample_scale)
         self._check_input_dim(input)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
@@ -101,27 +104,28 @@ class BatchNormAddReLU2d(nn.BatchNorm2d):
         running_var = self.running_var if use_running else None
         # Validate and resolve the backend before touching num_batches_tracked: bad input changes no state.
         _op.validate_args(input, residual, running_mean, running_var, self.weight, self.bias, bn_training,
-                          0.0, self.eps)
-        backend = _backend.resolve(self.backend, input)
+                          0.0, self.eps, sample_scale)
+        backend = _backend.resolve(self.backend, input, sample_scale=sample_scale is not None)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         return _op.run_validated(input, residual, running_mean, running_var, self.weight, self.bias, bn_training,
-                                 factor, self.eps, self.relu, backend)
+                                 factor, self.eps, self.relu, backend, sample_scale)
 
-    def _forward_synchronized(self, input, residual, group, world_size):
+    def _forward_synchronized(self, input, residual, group, world_size, sample_scale=None):
         """Training forward with batch statistics over ``group`` (resfused.ops.sync_bn_add_relu)."""
         self._check_input_dim(input)
         running_mean = self.running_mean if self.track_running_stats else None
         running_var = self.running_var if self.track_running_stats else None
         # Validate (on this rank, before any collective) and resolve the backend before touching
         # num_batches_tracked: bad input changes no state.
-        _op.validate_args(input, residual, running_mean, running_var, self.weight, self.bias, True, 0.0, self.eps)
-        backend = _backend.resolve(self.backend, input)
+        _op.validate_args(input, residual, running_mean, running_var, self.weight, self.bias, True, 0.0, self.eps,
+                          sample_scale)
+        backend = _backend.resolve(self.backend, input, sample_scale=sample_scale is not None)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         return _sync_op.run_validated(input, residual, running_mean, running_var, self.weight, self.bias, factor,
-                                      self.eps, self.relu, backend, group, world_size)
+                                      self.eps, self.relu, backend, group, world_size, sample_scale)

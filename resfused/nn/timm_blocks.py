@@ -2,9 +2,12 @@
 
 ``TimmBasicBlock`` / ``TimmBottleneck`` replace ``timm.models.resnet.BasicBlock`` / ``Bottleneck`` in
 their plain configuration (ReLU, BatchNorm2d or SyncBatchNorm norms, no attention, no anti-aliasing,
-no active drop-block or drop-path). Submodule names and state_dict keys are timm's (conv1, bn1, ...,
-downsample); the bn modules are BatchNormAddReLU2d and carry the ReLU, so there are no act*, aa,
-drop_block, se or drop_path submodules (timm's are identities or None in that configuration).
+no active drop-block), with or without drop-path (stochastic depth). Submodule names and state_dict keys
+are timm's (conv1, bn1, ..., downsample); the bn modules are BatchNormAddReLU2d and carry the ReLU, so
+there are no act*, aa, drop_block or se submodules (timm's are identities or None in that configuration).
+timm's ``drop_path`` module (timm.layers.DropPath, or None) is kept, holding no state: in training the
+block draws its per-sample keep mask exactly as timm's drop_path does and passes it to the last fused BN
+as ``sample_scale``, so y = relu(s[n] * bn(conv(x)) + shortcut) runs in the fused op.
 
 timm's pre-activation ResNetV2 blocks keep their type: resfused.convert swaps their BatchNormAct2d
 (ReLU) norms for BatchNormAddReLU2d (same state_dict keys), see ``fuse_norm_act`` / ``unfuse_norm_act``.
@@ -15,12 +18,19 @@ This module never imports timm at import time: only ``to_timm`` and ``unfuse_nor
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
 from torch import nn
 
+from .. import _layout
 from .batchnorm import BatchNormAddReLU2d
+
+
+def _is_timm_drop_path(module) -> bool:
+    layers = sys.modules.get("timm.layers")  # a timm DropPath exists only once timm is imported
+    return layers is not None and type(module) is getattr(layers, "DropPath", None)
 
 
 def _check_plain(act_layer, norm_layer, attn_layer, aa_layer, drop_block, drop_path):
@@ -28,10 +38,33 @@ def _check_plain(act_layer, norm_layer, attn_layer, aa_layer, drop_block, drop_p
         raise ValueError(f"act_layer must be nn.ReLU (resfused fuses BN + ReLU), got {act_layer!r}")
     if norm_layer not in (None, nn.BatchNorm2d):
         raise ValueError(f"norm_layer must be nn.BatchNorm2d (resfused fuses BatchNorm2d), got {norm_layer!r}")
-    for name, value in (("attn_layer", attn_layer), ("aa_layer", aa_layer), ("drop_block", drop_block),
-                        ("drop_path", drop_path)):
+    for name, value in (("attn_layer", attn_layer), ("aa_layer", aa_layer), ("drop_block", drop_block)):
         if value is not None:
             raise ValueError(f"{name} must be None in a fused block (use timm's block for it), got {value!r}")
+    if drop_path is not None and not _is_timm_drop_path(drop_path):
+        raise ValueError(f"drop_path must be None or a timm.layers.DropPath in a fused block, got {drop_path!r}")
+
+
+def drop_path_sample_scale(drop_path: Optional[nn.Module], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """timm's drop_path(x) as the per-sample factor the fused op takes (``sample_scale``), or None.
+
+    None when ``drop_path`` is None, has no (or a zero) ``drop_prob`` or is in eval mode (then timm's is
+    the identity). Otherwise draws the keep mask exactly as timm.layers.drop_path does, so the same RNG
+    state gives the same mask: ``x.new_empty((N, 1, 1, 1)).bernoulli_(keep_prob)``, divided by keep_prob
+    (in x's dtype) when ``scale_by_keep`` and keep_prob > 0. ``x`` is the tensor timm would scale (or one
+    of its dtype, device and batch size). Returns (N,) in the statistics dtype (float32; float64 for
+    float64 x).
+    """
+    if drop_path is None or not drop_path.training:
+        return None
+    drop_prob = float(getattr(drop_path, "drop_prob", 0.0))
+    if drop_prob == 0.0:
+        return None
+    keep_prob = 1 - drop_prob
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+    if keep_prob > 0.0 and getattr(drop_path, "scale_by_keep", True):
+        keep.div_(keep_prob)
+    return keep.view(-1).to(_layout.stats_dtype(x.dtype))
 
 
 def _blank(cls, block):
@@ -51,7 +84,9 @@ def _timm_blank(timm_cls, block):
 class TimmBasicBlock(nn.Module):
     """timm.models.resnet.BasicBlock: conv3x3 -> bn+relu -> conv3x3 -> bn+add+relu (fused bn ops).
 
-    Constructor arguments as timm's; only the plain configuration is accepted (ValueError otherwise).
+    Constructor arguments as timm's; only the plain configuration is accepted (ValueError otherwise);
+    ``drop_path`` may be None or a timm DropPath (fused as bn2's per-sample scale, see
+    ``drop_path_sample_scale``).
     """
 
     expansion: int = 1
@@ -76,6 +111,7 @@ class TimmBasicBlock(nn.Module):
                                bias=False, **dd)
         self.bn2 = BatchNormAddReLU2d(outplanes, backend=backend, **dd)
         self.downsample = downsample
+        self.drop_path = drop_path
         self.stride = stride
         self.dilation = dilation
 
@@ -88,6 +124,7 @@ class TimmBasicBlock(nn.Module):
         new.conv2 = block.conv2
         new.bn2 = BatchNormAddReLU2d.from_batchnorm(block.bn2, relu=True, backend=backend)
         new.downsample = block.downsample
+        new.drop_path = block.drop_path
         new.stride, new.dilation = block.stride, block.dilation
         return new
 
@@ -103,22 +140,26 @@ class TimmBasicBlock(nn.Module):
         new.act2 = nn.ReLU(inplace=True)
         new.downsample = self.downsample
         new.stride, new.dilation = self.stride, self.dilation
-        new.drop_path = None
+        new.drop_path = self.drop_path
         return new
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(self.bn1(self.conv1(x)))
+        # Drawn where timm draws it (after the last BN, before the shortcut), so seeds line up with timm.
+        sample_scale = drop_path_sample_scale(self.drop_path, out)
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.bn1(self.conv1(x))
-        return self.bn2(self.conv2(out), shortcut)
+        return self.bn2(out, shortcut, sample_scale=sample_scale)
 
 
 class TimmBottleneck(nn.Module):
     """timm.models.resnet.Bottleneck: 1x1 -> bn+relu -> 3x3 -> bn+relu -> 1x1 -> bn+add+relu (fused bn ops).
 
-    Constructor arguments as timm's; only the plain configuration is accepted (ValueError otherwise).
+    Constructor arguments as timm's; only the plain configuration is accepted (ValueError otherwise);
+    ``drop_path`` may be None or a timm DropPath (fused as bn3's per-sample scale, see
+    ``drop_path_sample_scale``).
     """
 
     expansion: int = 4
@@ -143,6 +184,7 @@ class TimmBottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, outplanes, kernel_size=1, bias=False, **dd)
         self.bn3 = BatchNormAddReLU2d(outplanes, backend=backend, **dd)
         self.downsample = downsample
+        self.drop_path = drop_path
         self.stride = stride
         self.dilation = dilation
 
@@ -155,6 +197,7 @@ class TimmBottleneck(nn.Module):
             setattr(new, f"bn{i}", BatchNormAddReLU2d.from_batchnorm(getattr(block, f"bn{i}"), relu=True,
                                                                     backend=backend))
         new.downsample = block.downsample
+        new.drop_path = block.drop_path
         new.stride, new.dilation = block.stride, block.dilation
         return new
 
@@ -171,17 +214,19 @@ class TimmBottleneck(nn.Module):
         new.act3 = nn.ReLU(inplace=True)
         new.downsample = self.downsample
         new.stride, new.dilation = self.stride, self.dilation
-        new.drop_path = None
+        new.drop_path = self.drop_path
         return new
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
         out = self.bn1(self.conv1(x))
-        out = self.bn2(self.conv2(out))
-        return self.bn3(self.conv3(out), shortcut)
+        out = self.conv3(self.bn2(self.conv2(out)))
+        # Drawn where timm draws it (after the last BN, before the shortcut), so seeds line up with timm.
+        sample_scale = drop_path_sample_scale(self.drop_path, out)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.bn3(out, shortcut, sample_scale=sample_scale)
 
 
 # ---------------------------------------------------------------------------------------------------

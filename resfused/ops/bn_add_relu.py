@@ -1,10 +1,13 @@
 """Fused BatchNorm + residual add + ReLU: custom ops, fake implementations, autograd Function, dispatch.
 
-Three custom ops, each taking the concrete backend name as its last argument:
+Three custom ops, each taking an optional per-sample scale ``sample_scale`` (Tensor?, (N,), statistics
+dtype: y = relu(s[n] * bn(x) + residual), stochastic depth) and then the concrete backend name as its
+last arguments:
   resfused::bn_add_relu_forward_train  -> (y, mask, mean, invstd); mutates running_mean/running_var
   resfused::bn_add_relu_forward_eval   -> (y, mask)
   resfused::bn_add_relu_backward       -> (grad_input, grad_residual, grad_weight, grad_bias)
 The backend functions they call share one contract, documented in resfused/reference/bn_add_relu.py.
+The cuda backend (torch.ops.resfused_cuda.*) has no sample_scale: calls with one never resolve to it.
 ``batch_norm_add_relu`` validates arguments (clear errors, no state change on bad input), picks the
 backend and runs ``BatchNormAddReLUFunction``.
 """
@@ -39,6 +42,17 @@ def _backend_impl(name: str):
     raise ValueError(f"unknown resfused backend {name!r}")
 
 
+def _sample_scale_args(backend: str, sample_scale: Optional[Tensor]) -> tuple:
+    """The trailing backend-function arguments for ``sample_scale``: none without one (the cuda backend's
+    ops have no such argument, and cannot run a call with one)."""
+    if sample_scale is None:
+        return ()
+    if backend == "cuda":
+        raise RuntimeError("resfused backend 'cuda' does not implement sample_scale (the per-sample drop-path "
+                           "scale) yet; use backend 'triton' or 'reference' (auto picks triton on CUDA tensors)")
+    return (sample_scale,)
+
+
 # ---------------------------------------------------------------------------------------------------
 # custom ops
 # ---------------------------------------------------------------------------------------------------
@@ -47,13 +61,14 @@ def _backend_impl(name: str):
 def bn_add_relu_forward_train(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                               bias: Optional[Tensor], running_mean: Optional[Tensor],
                               running_var: Optional[Tensor], momentum: float, eps: float, relu: bool,
-                              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                              sample_scale: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    extra = _sample_scale_args(backend, sample_scale)
     return tuple(_backend_impl(backend).forward_train(x, residual, weight, bias, running_mean, running_var,
-                                                      momentum, eps, relu))
+                                                      momentum, eps, relu, *extra))
 
 
 @bn_add_relu_forward_train.register_fake
-def _(x, residual, weight, bias, running_mean, running_var, momentum, eps, relu, backend):
+def _(x, residual, weight, bias, running_mean, running_var, momentum, eps, relu, sample_scale, backend):
     stats = _layout.stats_dtype(x.dtype)
     c = x.shape[1]
     return (torch.empty_like(x), _fake_mask(x, relu),
@@ -63,28 +78,31 @@ def _(x, residual, weight, bias, running_mean, running_var, momentum, eps, relu,
 @torch.library.custom_op("resfused::bn_add_relu_forward_eval", mutates_args=())
 def bn_add_relu_forward_eval(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                              bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor, eps: float,
-                             relu: bool, save_mask: bool, backend: str) -> tuple[Tensor, Tensor]:
+                             relu: bool, save_mask: bool, sample_scale: Optional[Tensor],
+                             backend: str) -> tuple[Tensor, Tensor]:
+    extra = _sample_scale_args(backend, sample_scale)
     return tuple(_backend_impl(backend).forward_eval(x, residual, weight, bias, running_mean, running_var,
-                                                     eps, relu, save_mask))
+                                                     eps, relu, save_mask, *extra))
 
 
 @bn_add_relu_forward_eval.register_fake
-def _(x, residual, weight, bias, running_mean, running_var, eps, relu, save_mask, backend):
+def _(x, residual, weight, bias, running_mean, running_var, eps, relu, save_mask, sample_scale, backend):
     return torch.empty_like(x), _fake_mask(x, relu and save_mask)
 
 
 @torch.library.custom_op("resfused::bn_add_relu_backward", mutates_args=())
 def bn_add_relu_backward(grad_out: Tensor, x: Tensor, mask: Tensor, mean: Tensor, invstd: Tensor,
                          weight: Optional[Tensor], relu: bool, training: bool, need_input_grad: bool,
-                         need_residual_grad: bool, need_weight_grad: bool,
+                         need_residual_grad: bool, need_weight_grad: bool, sample_scale: Optional[Tensor],
                          backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    extra = _sample_scale_args(backend, sample_scale)
     return tuple(_backend_impl(backend).backward(grad_out, x, mask, mean, invstd, weight, relu, training,
-                                                 need_input_grad, need_residual_grad, need_weight_grad))
+                                                 need_input_grad, need_residual_grad, need_weight_grad, *extra))
 
 
 @bn_add_relu_backward.register_fake
 def _(grad_out, x, mask, mean, invstd, weight, relu, training, need_input_grad, need_residual_grad,
-      need_weight_grad, backend):
+      need_weight_grad, sample_scale, backend):
     c = x.shape[1]
     empty_x = x.new_empty((0,))
     stats = mean.new_empty((c,)) if need_weight_grad else mean.new_empty((0,))
@@ -104,43 +122,44 @@ def _fake_mask(x: Tensor, relu: bool) -> Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 class BatchNormAddReLUFunction(torch.autograd.Function):
-    """y = relu(bn(x) + residual) composed from the custom ops above.
+    """y = relu(s[n] * bn(x) + residual) composed from the custom ops above (s = 1 without sample_scale).
 
     Arguments must already be validated and normalised (see ``batch_norm_add_relu``). Saves x, the
-    packed ReLU mask and the (C,) mean/invstd; never the pre-activation or the residual.
+    packed ReLU mask, the (C,) mean/invstd and the (N,) sample_scale if any; never the pre-activation or
+    the residual. sample_scale is not differentiable: its gradient is None.
     """
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu,
-                needs_grad, backend):
+                needs_grad, backend, sample_scale):
         if training:
             y, mask, mean, invstd = torch.ops.resfused.bn_add_relu_forward_train(
-                x, residual, weight, bias, running_mean, running_var, momentum, eps, relu, backend)
+                x, residual, weight, bias, running_mean, running_var, momentum, eps, relu, sample_scale, backend)
         else:
             y, mask = torch.ops.resfused.bn_add_relu_forward_eval(
-                x, residual, weight, bias, running_mean, running_var, eps, relu, needs_grad, backend)
+                x, residual, weight, bias, running_mean, running_var, eps, relu, needs_grad, sample_scale, backend)
             mean = running_mean
             invstd = torch.rsqrt(running_var + eps) if needs_grad else running_var
         if needs_grad:
-            ctx.save_for_backward(x, mask, mean, invstd, weight)
+            ctx.save_for_backward(x, mask, mean, invstd, weight, sample_scale)
         ctx.training, ctx.relu, ctx.backend = training, relu, backend
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, mask, mean, invstd, weight = ctx.saved_tensors
+        x, mask, mean, invstd, weight, sample_scale = ctx.saved_tensors
         need_x, need_res, need_w, need_b = ctx.needs_input_grad[:4]
         grad_y = grad_y.contiguous(memory_format=_layout.memory_format(_layout.layout_of(x)))
         # Without a ReLU the residual's gradient is grad_y itself: no kernel writes it.
         op_res = need_res and ctx.relu
         grad_x, grad_res, grad_w, grad_b = torch.ops.resfused.bn_add_relu_backward(
             grad_y, x, mask, mean, invstd, weight, ctx.relu, ctx.training, need_x, op_res, need_w or need_b,
-            ctx.backend)
+            sample_scale, ctx.backend)
         if need_res and not ctx.relu:
             grad_res = grad_y
         return (grad_x if need_x else None, grad_res if need_res else None,
                 grad_w if need_w else None, grad_b if need_b else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,7 +179,27 @@ def _check_channel_vector(name: str, v: Optional[Tensor], c: int, device: torch.
         raise ValueError(f"{name} is on {v.device} but input is on {device}")
 
 
-def validate_args(input, residual, running_mean, running_var, weight, bias, training, momentum, eps):
+def _check_sample_scale(sample_scale, input: Tensor) -> None:
+    if sample_scale is None:
+        return
+    if not isinstance(sample_scale, Tensor):
+        raise TypeError(f"sample_scale must be a Tensor or None, got {type(sample_scale).__name__}")
+    n = input.shape[0]
+    if sample_scale.dim() != 1 or sample_scale.shape[0] != n:
+        raise ValueError(f"sample_scale must have shape ({n},) to match input's batch of {n}, "
+                         f"got {tuple(sample_scale.shape)}")
+    stats = _layout.stats_dtype(input.dtype)
+    if sample_scale.dtype != stats:
+        raise ValueError(f"sample_scale must have the statistics dtype {stats} for {input.dtype} input, "
+                         f"got {sample_scale.dtype}")
+    if sample_scale.device != input.device:
+        raise ValueError(f"sample_scale is on {sample_scale.device} but input is on {input.device}")
+    if sample_scale.requires_grad and torch.is_grad_enabled():
+        raise ValueError("sample_scale must not require grad: it is not differentiable (pass a detached tensor)")
+
+
+def validate_args(input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
+                  sample_scale=None):
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
     if input.dim() != 4:
@@ -184,6 +223,7 @@ def validate_args(input, residual, running_mean, running_var, weight, bias, trai
         raise ValueError("running_mean and running_var must both be tensors or both be None")
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var must be given when training=False")
+    _check_sample_scale(sample_scale, input)
     if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
         raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
@@ -195,8 +235,12 @@ def validate_args(input, residual, running_mean, running_var, weight, bias, trai
 def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
                         running_var: Optional[Tensor], weight: Optional[Tensor] = None,
                         bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1,
-                        eps: float = 1e-5, relu: bool = True, backend: Optional[str] = None) -> Tensor:
+                        eps: float = 1e-5, relu: bool = True, backend: Optional[str] = None, *,
+                        sample_scale: Optional[Tensor] = None) -> Tensor:
     """``relu(F.batch_norm(input, ...) + residual)`` in one fused pass, with F.batch_norm's side effects.
+
+    With ``sample_scale`` s: ``relu(s[n] * F.batch_norm(input, ...) + residual)``, timm's drop-path
+    (stochastic depth) on the BN output before the residual add.
 
     Args:
         input: (N, C, H, W), float16/bfloat16/float32 (float64 on the reference and triton backends),
@@ -209,18 +253,24 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
             float64 input); other parameter dtypes are cast, and running stats written back in their dtype.
         relu: apply the ReLU (False gives ``bn(input) + residual``).
         backend: "auto", "cuda", "triton", "reference", or None for resfused.get_backend().
+        sample_scale: None or an (N,) tensor in the statistics dtype (float32; float64 for float64
+            input) on input's device: per-sample factors on the normalised branch (0 for a dropped
+            sample, 1/keep_prob for a kept one). Batch statistics are still those of ``input``. Not
+            differentiable (it must not require grad). The cuda backend does not implement it yet:
+            ``auto`` then picks triton on CUDA tensors, an explicit "cuda" raises.
 
     Returns:
         A tensor of input's shape, dtype and memory format.
     """
-    validate_args(input, residual, running_mean, running_var, weight, bias, training, momentum, eps)
+    validate_args(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, sample_scale)
     return run_validated(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu,
-                         _backend.resolve(backend, input))
+                         _backend.resolve(backend, input, sample_scale=sample_scale is not None), sample_scale)
 
 
 def run_validated(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu,
-                  backend):
-    """batch_norm_add_relu after validate_args and with a resolved backend name (for modules)."""
+                  backend, sample_scale=None):
+    """batch_norm_add_relu after validate_args and with a resolved backend name (for modules); a
+    sample_scale needs a backend resolved with ``sample_scale=True``."""
     try:
         layout = _layout.layout_of(input)
     except ValueError:
@@ -235,8 +285,9 @@ def run_validated(input, residual, running_mean, running_var, weight, bias, trai
     run_var = None if running_var is None else running_var.to(stats)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, residual, weight, bias))
+    sample_scale = None if sample_scale is None else sample_scale.contiguous()
     y = BatchNormAddReLUFunction.apply(input, residual, weight, bias, run_mean, run_var, bool(training),
-                                       float(momentum), float(eps), bool(relu), needs_grad, backend)
+                                       float(momentum), float(eps), bool(relu), needs_grad, backend, sample_scale)
     if training:
         for given, used in ((running_mean, run_mean), (running_var, run_var)):
             if used is not given:

@@ -17,6 +17,8 @@ Backward:
      grad_weight) and the ReLU-masked g (as grad_residual);
   2. ONE all_reduce of the two (C,) sums;
   3. dx = w*invstd*(g - sum(g)/N - xhat*sum(g*xhat)/N) with N the global count.
+With a per-sample scale s (sample_scale, drop-path) the apply is relu(s[n] * bn(x) + residual): the ops
+take s, their sums are those of the BN branch's gradient s[n]*g, and step 3 uses s[n]*g for g.
 weight/bias gradients are the local sums, as nn.SyncBatchNorm: DistributedDataParallel averages them.
 """
 
@@ -109,7 +111,7 @@ class SyncBatchNormAddReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, running_mean, running_var, momentum, eps, relu, needs_grad,
-                backend, group, world_size):
+                backend, group, world_size, sample_scale):
         c = x.shape[1]
         stats_dtype = _layout.stats_dtype(x.dtype)
         count, mean, m2 = _merge(_all_gather(_local_partials(x, stats_dtype), group, world_size), c)
@@ -123,15 +125,15 @@ class SyncBatchNormAddReLUFunction(torch.autograd.Function):
             # The eval op applies (x - mean) * w * rsqrt(var + eps) + b with the mean/var it is given:
             # exactly the training apply, with the group's statistics.
             y, mask = torch.ops.resfused.bn_add_relu_forward_eval(x, residual, weight, bias, mean, var, eps, relu,
-                                                                 needs_grad, backend)
+                                                                 needs_grad, sample_scale, backend)
         if needs_grad:
-            ctx.save_for_backward(x, mask, mean, torch.rsqrt(var + eps), weight, count)
+            ctx.save_for_backward(x, mask, mean, torch.rsqrt(var + eps), weight, count, sample_scale)
         ctx.relu, ctx.backend, ctx.group = relu, backend, group
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, mask, mean, invstd, weight, count = ctx.saved_tensors
+        x, mask, mean, invstd, weight, count, sample_scale = ctx.saved_tensors
         need_x, need_res, need_w, need_b = ctx.needs_input_grad[:4]
         c = x.shape[1]
         grad_y = grad_y.contiguous(memory_format=_layout.memory_format(_layout.layout_of(x)))
@@ -142,7 +144,7 @@ class SyncBatchNormAddReLUFunction(torch.autograd.Function):
         else:
             _, grad_masked, sum_gxhat, sum_g = torch.ops.resfused.bn_add_relu_backward(
                 grad_y, x, mask, mean, invstd, weight, ctx.relu, False, False, ctx.relu and need_g,
-                need_x or need_w or need_b, ctx.backend)
+                need_x or need_w or need_b, sample_scale, ctx.backend)
             g = grad_masked if ctx.relu else grad_y
         grad_x = None
         if need_x:
@@ -154,16 +156,16 @@ class SyncBatchNormAddReLUFunction(torch.autograd.Function):
             # the global sums would fuse it as bn_add_relu_backward does for the single-process case.
             k = invstd if weight is None else weight * invstd
             xhat = (x.to(mean.dtype) - _bcast(mean)) * _bcast(invstd)
-            dx = _bcast(k) * (g.to(mean.dtype) - _bcast(global_sum_g / count)
-                              - xhat * _bcast(global_sum_gxhat / count))
+            g_bn = g.to(mean.dtype) if sample_scale is None else g.to(mean.dtype) * sample_scale.view(-1, 1, 1, 1)
+            dx = _bcast(k) * (g_bn - _bcast(global_sum_g / count) - xhat * _bcast(global_sum_gxhat / count))
             grad_x = torch.empty_like(x).copy_(dx)
         return (grad_x, g if need_res else None,
                 sum_gxhat if need_w else None, sum_g if need_b else None,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)
 
 
 def run_validated(input, residual, running_mean, running_var, weight, bias, momentum, eps, relu, backend, group,
-                  world_size):
+                  world_size, sample_scale=None):
     """Synchronised training forward after bn_add_relu.validate_args(training=True), with a resolved backend
     and a group from resolve_group. Layout and dtype handling as bn_add_relu.run_validated."""
     try:
@@ -180,8 +182,10 @@ def run_validated(input, residual, running_mean, running_var, weight, bias, mome
     run_var = None if running_var is None else running_var.to(stats)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, residual, weight, bias))
+    sample_scale = None if sample_scale is None else sample_scale.contiguous()
     y = SyncBatchNormAddReLUFunction.apply(input, residual, weight, bias, run_mean, run_var, float(momentum),
-                                           float(eps), bool(relu), needs_grad, backend, group, world_size)
+                                           float(eps), bool(relu), needs_grad, backend, group, world_size,
+                                           sample_scale)
     for given, used in ((running_mean, run_mean), (running_var, run_var)):
         if used is not given and given is not None:
             given.copy_(used)
@@ -192,21 +196,22 @@ def sync_batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_
                              running_var: Optional[Tensor], weight: Optional[Tensor] = None,
                              bias: Optional[Tensor] = None, momentum: float = 0.1, eps: float = 1e-5,
                              relu: bool = True, process_group: Union[str, object] = WORLD,
-                             backend: Optional[str] = None) -> Tensor:
+                             backend: Optional[str] = None, *, sample_scale: Optional[Tensor] = None) -> Tensor:
     """Training-mode ``batch_norm_add_relu`` with batch statistics over every rank of ``process_group``.
 
     Shapes, dtypes and layouts as resfused.ops.bn_add_relu.batch_norm_add_relu. Each rank's input must
     have more than one value per channel, or none (an empty batch still joins the collectives). Falls
     back to the single-process op when torch.distributed is not initialised or the group has one rank.
+    ``sample_scale`` as in batch_norm_add_relu.
     """
     from .. import _backend
 
     check_process_group(process_group)
-    _op.validate_args(input, residual, running_mean, running_var, weight, bias, True, momentum, eps)
-    backend = _backend.resolve(backend, input)
+    _op.validate_args(input, residual, running_mean, running_var, weight, bias, True, momentum, eps, sample_scale)
+    backend = _backend.resolve(backend, input, sample_scale=sample_scale is not None)
     resolved = resolve_group(process_group)
     if resolved is None:
         return _op.run_validated(input, residual, running_mean, running_var, weight, bias, True, momentum, eps,
-                                 relu, backend)
+                                 relu, backend, sample_scale)
     return run_validated(input, residual, running_mean, running_var, weight, bias, momentum, eps, relu, backend,
-                         *resolved)
+                         *resolved, sample_scale)
