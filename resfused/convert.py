@@ -18,9 +18,9 @@ from typing import Optional
 from torch import nn
 
 from . import _backend
-from .nn import BasicBlock, Bottleneck
+from .nn import BasicBlock, Bottleneck, conv_bn_blocks
 from .nn.batchnorm import BatchNormAddReLU2d
-from .nn.timm_blocks import TimmBasicBlock, TimmBottleneck, fuse_norm_act, unfuse_norm_act
+from .nn.timm_blocks import TimmBasicBlock, TimmBottleneck, _is_timm_drop_path, fuse_norm_act, unfuse_norm_act
 
 logger = logging.getLogger("resfused")
 
@@ -79,10 +79,10 @@ def _why_not_timm(block: nn.Module, n_bns: int) -> Optional[str]:
     if _active_drop(block.drop_block):
         return (f"it has drop_block ({type(block.drop_block).__name__}, "
                 f"drop_prob={getattr(block.drop_block, 'drop_prob', '?')}), not fused")
-    if _active_drop(block.drop_path):
+    if _active_drop(block.drop_path) and not _is_timm_drop_path(block.drop_path):
         return (f"it has drop_path ({type(block.drop_path).__name__}, "
-                f"drop_prob={getattr(block.drop_path, 'drop_prob', '?')}), active in training; fusing the "
-                f"per-sample drop-path scale is not implemented")
+                f"drop_prob={getattr(block.drop_path, 'drop_prob', '?')}), not timm.layers.DropPath (the "
+                f"drop-path resfused fuses)")
     return None
 
 
@@ -120,21 +120,26 @@ def _apply(model: nn.Module, swap) -> nn.Module:
     return model
 
 
-def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+def convert(model: nn.Module, backend: Optional[str] = None, fuse_convs: bool = False) -> nn.Module:
     """Replace every recognised ResNet block in ``model`` with a fused one, in place.
 
     torchvision BasicBlock/Bottleneck become resfused.nn.BasicBlock/Bottleneck; timm's
     (timm.models.resnet) become resfused.nn.TimmBasicBlock/TimmBottleneck when plain (ReLU, BatchNorm2d
-    or SyncBatchNorm, no attention, no anti-aliasing, no active drop-block or drop-path); timm's
-    pre-activation ResNetV2 blocks keep their type and get fused BN + ReLU pre-activations. Norms that
-    are nn.SyncBatchNorm become BatchNormAddReLU2d synchronised over the same group ("world" for
-    process_group=None). Parameters and buffers are shared with the original blocks (optimizers built
-    before the call keep working), state_dict keys and values are unchanged. Blocks that cannot be
-    fused are left as they are, with one log line saying why. Returns ``model`` (or the new block, when
-    ``model`` itself is a block).
+    or SyncBatchNorm, no attention, no anti-aliasing, no active drop-block; a timm DropPath is fused as a
+    per-sample scale); timm's pre-activation ResNetV2 blocks keep their type and get fused BN + ReLU
+    pre-activations. Norms that are nn.SyncBatchNorm become BatchNormAddReLU2d synchronised over the same
+    group ("world" for process_group=None). Parameters and buffers are shared with the original blocks
+    (optimizers built before the call keep working), state_dict keys and values are unchanged. Blocks
+    that cannot be fused are left as they are, with one log line saying why. Returns ``model`` (or the
+    new block, when ``model`` itself is a block).
 
     Args:
         backend: None (resfused.get_backend() at call time), "auto", "cuda", "triton" or "reference".
+        fuse_convs: torchvision BasicBlock/Bottleneck become resfused.nn.ConvBNBasicBlock/ConvBNBottleneck,
+            which fuse each BN into the convs (statistics in the producing conv's epilogue, normalize + ReLU
+            in the consuming conv's prologue; resfused.ops.conv_bn) in training and eval. Blocks with
+            SyncBatchNorm or unusual convs get the unfused conversion instead, logged once per reason.
+            timm blocks are converted as without fuse_convs.
     """
     if backend is not None:
         _backend._check_name(backend)
@@ -145,6 +150,11 @@ def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     if tv is not None:
         table[tv.BasicBlock] = (_why_not_convertible, lambda b: BasicBlock.from_torchvision(b, backend=backend))
         table[tv.Bottleneck] = (_why_not_convertible, lambda b: Bottleneck.from_torchvision(b, backend=backend))
+        if fuse_convs:
+            for cls in (tv.BasicBlock, tv.Bottleneck):
+                why_not, unfused = table[cls]
+                table[cls] = (why_not,
+                              lambda b, unfused=unfused: conv_bn_blocks.from_torchvision_or(b, unfused, backend))
     if timm is not None:
         t_resnet, t_resnetv2, t_layers = timm
         table[t_resnet.BasicBlock] = (lambda b: _why_not_timm(b, 2),
@@ -201,6 +211,8 @@ def revert(model: nn.Module) -> nn.Module:
     def swap(child: nn.Module) -> nn.Module:
         if type(child) in (BasicBlock, Bottleneck):
             return to_torchvision(child)
+        if type(child) in (conv_bn_blocks.ConvBNBasicBlock, conv_bn_blocks.ConvBNBottleneck):
+            return child.to_torchvision()
         if type(child) in (TimmBasicBlock, TimmBottleneck):
             return child.to_timm()
         if type(child) in preact:

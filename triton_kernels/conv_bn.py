@@ -1,0 +1,755 @@
+"""Triton kernels of the fused conv + BatchNorm training path: forward with a BN + ReLU prologue and a
+batch-statistics epilogue; backward (wgrad, dgrad) recomputing the prologue, dReLU + dBN sums in the epilogue;
+the block tail (bn + add (+ downsample bn) + ReLU) and its backward.
+
+Forward:
+    a[m, k] = relu((x[m, k] - in_mean[c]) * in_scale[c] + in_shift[c])   (c = k's input channel; prologue)
+    y[m, co] = sum_k a[m, k] * w[k, co]                                    (implicit GEMM, fp32 accumulator)
+    per (row tile t, channel co): count_t, mean_t, M2_t of the fp32 accumulator over the tile's valid rows
+
+The GEMM view and the two K loops (per-tap channel loop; flat-K for narrow groups) are those of
+triton_kernels/conv_bias_act.py. The prologue is applied to each A tile right after it is gathered, in fp32,
+then rounded to the input dtype for the dot; positions outside the image (zero padding) and past the tensor
+are set to 0 AFTER the activation, so a padded position contributes 0, not relu(in_shift).
+
+Statistics: each program writes its tile's (mean, M2) per output channel into a (T, C_out) fp32 buffer and
+the tile's row count into a (T,) buffer (T = number of row tiles); ``_bn_stats_finalize_kernel`` merges the T
+partials per channel in tile order with Chan's formula (centred; no E[x^2] - E[x]^2, no atomics, so the
+result is deterministic), writes mean and invstd and updates running_mean / running_var as nn.BatchNorm2d
+does (unbiased variance). The finalize loops over the T tiles sequentially per channel block: fine for
+small T; a two-level merge would be the fix for very large N*H*W.
+
+Backward (three kernels and a tiny sum):
+  * wgrad: dw = dy^T @ a with a regathered from x and the prologue recomputed per tile (a is never stored);
+    each program owns a dw tile and loops over all rows (no split-K: deterministic, slow for large N*H*W).
+  * dgrad: grad_a = dy (*) w^T as an implicit GEMM over input pixels (stride handled by divisibility masks);
+    with a prologue its epilogue reloads x, recomputes z = bn(x), applies dReLU (gz = grad_a where z > 0),
+    writes gz in fp32 and per-tile partial sums of gz and gz * xhat (the dBN reductions; no atomics);
+  * _sum_partials_kernel adds the partials in tile order: grad of the prologue BN's weight and bias;
+  * _bn_input_grad_kernel: grad_x = w * invstd * (gz - mean(gz) - xhat * mean(gz * xhat)) elementwise.
+
+Passes over memory per conv, training (activations only; w is small):
+  forward   read x (once per N-tile of C_out), write y; partials 2 * T * C_out * 4 bytes (1/BLOCK_M of y in fp32).
+  backward  wgrad: read x + read dy (once per tile of dw); dgrad: read dy, read x, write gz (fp32); input grad:
+            read gz + read x, write grad_x. Stock (conv, BN, ReLU as separate ops) additionally writes and reads
+            the normalized activation in forward, saves it for backward, and runs BN/ReLU backward as
+            separate passes. Floor aimed at: forward read(x) + write(y); backward read(x) + read(dy) per GEMM
+            + write(grad_x); the fp32 gz round trip (write + read) is what this version adds over that floor.
+
+Block tail, out = relu(bn(y) + residual) or relu(bn(y) + bn_d(residual)) (the downsample BN applied here):
+  forward   _tail_fwd_kernel: read y, read the residual, write out and the packed 1-bit mask: 3 + 1/16 passes
+            (16-bit dtypes); floor the same.
+  backward  _tail_bwd_reduce_kernel: read grad, mask, y (and the residual when its BN is here) -> per-program
+            partial sums of gz and gz * xhat (no atomics; the small partial buffers are summed per channel with
+            torch.sum, deterministic); _tail_bwd_elementwise_kernel: read grad, mask, y (, residual), write
+            grad_y and grad_residual. Training, all gradients: 6 + 2/16 passes without a BN on the residual
+            (grad_residual = gz), 9 + 2/16 with one. Floor: the reductions must finish before any grad_y element
+            is known, so grad, mask and y are read twice: the same.
+
+Forward conv autotuned on GPU (restore_value on the count buffer, which a smaller BLOCK_M would overwrite
+further); the backward and tail kernels use one fixed GPU config; one fixed config for everything under
+TRITON_INTERPRET=1. Not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .conv_bias_act import _FLAT_K_BELOW, _gpu_configs, _mma, _out_size, input_precision
+
+Tensor = torch.Tensor
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _prologue(a, c, c_ok, ok, mean_ptr, scale_ptr, shift_ptr, PROLOGUE: tl.constexpr):
+    """relu(bn(a)) in fp32 for a gathered (BLOCK_M, BLOCK_K) tile, zero where ``ok`` is False (padding)."""
+    if PROLOGUE:
+        mu = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
+        sc = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
+        sh = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
+        z = (a.to(tl.float32) - mu[None, :]) * sc[None, :] + sh[None, :]
+        z = tl.where(ok, tl.maximum(z, 0.0), 0.0)
+        a = z.to(a.dtype)
+    return a
+
+
+@triton.jit
+def _conv_bn_fwd_kernel(
+        x_ptr, w_ptr, mean_ptr, scale_ptr, shift_ptr, y_ptr, pmean_ptr, pm2_ptr, pcnt_ptr,
+        M, M_BUCKET, H, W, C_IN_G, HO, WO, C_OUT_G, C_OUT,
+        sxn, sxc, sxh, sxw,
+        swo, swi, swh, sww,
+        syn, syc, syh, syw,
+        STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+        DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        PROLOGUE: tl.constexpr, STATS: tl.constexpr,
+        FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tiles_n = tl.cdiv(C_OUT_G, BLOCK_N)
+    grp = pid_n // tiles_n
+    tile_n = pid_n % tiles_n
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < C_OUT_G
+    co = grp * C_OUT_G + rn
+
+    hw_o = HO * WO
+    img = rm // hw_o
+    pix = rm % hw_o
+    oh = pix // WO
+    ow = pix % WO
+    img64 = img.to(tl.int64)
+    ih0 = oh * STRIDE_H - PAD_H
+    iw0 = ow * STRIDE_W - PAD_W
+
+    c_base = grp * C_IN_G
+    x_rows = x_ptr + img64 * sxn + c_base * sxc
+    w_cols = w_ptr + co * swo
+    pro_mean = mean_ptr + c_base
+    pro_scale = scale_ptr + c_base
+    pro_shift = shift_ptr + c_base
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if FLAT_K:
+        k_total = C_IN_G * KH * KW
+        for k0 in range(0, k_total, BLOCK_K):
+            k = k0 + rk
+            k_ok = k < k_total
+            c = k % C_IN_G
+            tap = k // C_IN_G
+            kh = tap // KW
+            kw = tap % KW
+            ih = ih0[:, None] + (kh * DIL_H)[None, :]
+            iw = iw0[:, None] + (kw * DIL_W)[None, :]
+            a_mask = (m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
+            a = tl.load(x_rows[:, None] + ih * sxh + iw * sxw + (c * sxc)[None, :], mask=a_mask, other=0.0)
+            a = _prologue(a, c, k_ok, a_mask, pro_mean, pro_scale, pro_shift, PROLOGUE)
+            b = tl.load(w_cols[None, :] + (c * swi + kh * swh + kw * sww)[:, None],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP32)
+    else:
+        for tap in range(0, KH * KW):
+            kh = tap // KW
+            kw = tap % KW
+            ih = ih0 + kh * DIL_H
+            iw = iw0 + kw * DIL_W
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ptrs = x_rows + ih * sxh + iw * sxw
+            b_ptrs = w_cols + kh * swh + kw * sww
+            for c0 in range(0, C_IN_G, BLOCK_K):
+                c = c0 + rk
+                c_ok = c < C_IN_G
+                a_mask = row_ok[:, None] & c_ok[None, :]
+                a = tl.load(a_ptrs[:, None] + (c * sxc)[None, :], mask=a_mask, other=0.0)
+                a = _prologue(a, c, c_ok, a_mask, pro_mean, pro_scale, pro_shift, PROLOGUE)
+                b = tl.load(b_ptrs[None, :] + (c * swi)[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP32)
+
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    y_ptrs = y_ptr + (img64 * syn + oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+    if STATS:
+        # Rows past M hold exact zeros (their A rows were masked to 0), so the plain sum is the valid rows' sum.
+        cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        t_mean = tl.sum(acc, axis=0) / cnt
+        d = tl.where(m_ok[:, None], acc - t_mean[None, :], 0.0)
+        t_m2 = tl.sum(d * d, axis=0)
+        p_off = pid_m.to(tl.int64) * C_OUT + co
+        tl.store(pmean_ptr + p_off, t_mean, mask=n_ok)
+        tl.store(pm2_ptr + p_off, t_m2, mask=n_ok)
+        tl.store(pcnt_ptr + pid_m, cnt, mask=pid_n == 0)
+
+
+@triton.jit
+def _bn_stats_finalize_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr,
+                              T, C, momentum, eps,
+                              UPDATE_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chan-merge T (count, mean, M2) partials per channel in tile order; mean, invstd, running-stats update."""
+    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    n = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t in range(0, T):
+        nb = tl.load(pcnt_ptr + t)
+        off = t * C + rc
+        # Tiles with count 0 (past the chosen config's grid; their partials are never written) change nothing.
+        used = nb > 0
+        mb = tl.where(used, tl.load(pmean_ptr + off, mask=c_ok, other=0.0), mean)
+        m2b = tl.where(used, tl.load(pm2_ptr + off, mask=c_ok, other=0.0), 0.0)
+        n_ab = n + nb
+        frac = tl.where(used, nb / tl.maximum(n_ab, 1.0), 0.0)
+        delta = mb - mean
+        mean = mean + delta * frac
+        m2 = m2 + m2b + delta * delta * n * frac
+        n = n_ab
+    var = m2 / n
+    tl.store(mean_ptr + rc, mean, mask=c_ok)
+    tl.store(invstd_ptr + rc, 1.0 / tl.sqrt(var + eps), mask=c_ok)
+    if UPDATE_RUNNING:
+        rm = tl.load(rmean_ptr + rc, mask=c_ok, other=0.0)
+        rv = tl.load(rvar_ptr + rc, mask=c_ok, other=0.0)
+        unbiased = m2 / tl.maximum(n - 1.0, 1.0)
+        tl.store(rmean_ptr + rc, (1.0 - momentum) * rm + momentum * mean, mask=c_ok)
+        tl.store(rvar_ptr + rc, (1.0 - momentum) * rv + momentum * unbiased, mask=c_ok)
+
+
+_AUTOTUNE_KEY = ["M_BUCKET", "C_IN_G", "C_OUT_G", "KH", "KW", "STRIDE_H", "FLAT_K", "PROLOGUE", "STATS"]
+_AUTOTUNE = os.environ.get("RESFUSED_TRITON_AUTOTUNE", "1") not in ("", "0")
+
+if _INTERPRET:
+    _kernel = _conv_bn_fwd_kernel
+    # Wide N and K tiles keep the interpreter's per-program cost down; tests swap in 16x16x16 tiles so tiny
+    # shapes still run several row tiles (the Chan merge), K loops and tails.
+    _FIXED = {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128}
+    _MIN_BLOCK_M = None
+elif _AUTOTUNE:
+    _kernel = triton.autotune(configs=_gpu_configs(), key=_AUTOTUNE_KEY, restore_value=["pcnt_ptr"])(
+        _conv_bn_fwd_kernel)
+    _FIXED = {}
+    _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _gpu_configs())
+else:
+    _kernel = _conv_bn_fwd_kernel
+    _FIXED = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+    _MIN_BLOCK_M = None
+
+_FINALIZE_BLOCK_C = 128
+
+
+def forward(x: Tensor, weight: Tensor, in_mean: Optional[Tensor], in_invstd: Optional[Tensor],
+            in_weight: Optional[Tensor], in_bias: Optional[Tensor], running_mean: Optional[Tensor],
+            running_var: Optional[Tensor], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+            groups: int, prologue: bool, stats: bool, momentum: float, eps: float):
+    """Triton launcher; contract in resfused/reference/conv_bn.py (forward). Returns (y, mean, invstd)."""
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"the triton conv_bn supports float32, float16 and bfloat16, got {x.dtype}")
+    n, _, h, w = x.shape
+    c_out, c_in_g, kh, kw = weight.shape
+    ho = _out_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    fmt = torch.channels_last if (not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)) \
+        else torch.contiguous_format
+    y = torch.empty((n, c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    m = n * ho * wo
+    st = torch.float32
+    mean = torch.empty((c_out if stats else 0,), dtype=st, device=x.device)
+    invstd = torch.empty_like(mean)
+    if y.numel() == 0:
+        if stats:
+            mean.fill_(float("nan"))
+            invstd.fill_(float("nan"))
+        return y, mean, invstd
+    if prologue:
+        pro_mean = in_mean
+        pro_scale = (in_weight * in_invstd).contiguous()
+        pro_shift = in_bias
+    else:
+        pro_mean = pro_scale = pro_shift = y  # never read: PROLOGUE is False
+    block_m_min = _FIXED["BLOCK_M"] if _MIN_BLOCK_M is None else _MIN_BLOCK_M
+    tiles = triton.cdiv(m, block_m_min) if stats else 1
+    pmean = torch.empty((tiles, c_out) if stats else (1,), dtype=st, device=x.device)
+    pm2 = torch.empty_like(pmean)
+    pcnt = torch.zeros((tiles,), dtype=st, device=x.device)
+    c_out_g = c_out // groups
+    flat_k = c_in_g < _FLAT_K_BELOW and kh * kw > 1
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), groups * triton.cdiv(c_out_g, meta["BLOCK_N"]))
+
+    _kernel[grid](
+        x, weight, pro_mean, pro_scale, pro_shift, y, pmean, pm2, pcnt,
+        m, triton.next_power_of_2(m), h, w, c_in_g, ho, wo, c_out_g, c_out,
+        *x.stride(), *weight.stride(), *y.stride(),
+        STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+        DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw,
+        PROLOGUE=bool(prologue), STATS=bool(stats),
+        FLAT_K=flat_k, INPUT_PRECISION=input_precision(x.dtype),
+        DOT_IN_FP32=_INTERPRET and x.dtype == torch.bfloat16,
+        **_FIXED)
+    if stats:
+        update = running_mean is not None
+        _bn_stats_finalize_kernel[(triton.cdiv(c_out, _FINALIZE_BLOCK_C),)](
+            pmean, pm2, pcnt, mean, invstd, running_mean if update else mean, running_var if update else mean,
+            tiles, c_out, float(momentum), float(eps), UPDATE_RUNNING=update, BLOCK_C=_FINALIZE_BLOCK_C)
+    return y, mean, invstd
+
+
+# ---------------------------------------------------------------------------------------------------
+# backward: wgrad and dgrad with the prologue recomputed, dReLU + dBN partial sums in the dgrad epilogue
+# ---------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _conv_bn_wgrad_kernel(
+        x_ptr, dy_ptr, mean_ptr, scale_ptr, shift_ptr, dw_ptr,
+        M, H, W, C_IN_G, HO, WO, C_OUT_G,
+        sxn, sxc, sxh, sxw,
+        sdn, sdc, sdh, sdw,
+        swo, swi, swh, sww,
+        STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+        DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dw[co, (tap, c)] = sum_m dy[m, co] * a[m, (tap, c)], a = relu(bn(x)) regathered and recomputed per tile.
+
+    Each program owns one (BLOCK_N x BLOCK_K) tile of dw and loops over all M rows: no split-K, deterministic.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    tiles_n = tl.cdiv(C_OUT_G, BLOCK_N)
+    grp = pid_n // tiles_n
+    tile_n = pid_n % tiles_n
+    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < C_OUT_G
+    co = grp * C_OUT_G + rn
+    k_total = C_IN_G * KH * KW
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = k < k_total
+    c = k % C_IN_G
+    tap = k // C_IN_G
+    kh = tap // KW
+    kw = tap % KW
+    c_base = grp * C_IN_G
+    hw_o = HO * WO
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        img64 = (rm // hw_o).to(tl.int64)
+        pix = rm % hw_o
+        oh = pix // WO
+        ow = pix % WO
+        ih = (oh * STRIDE_H - PAD_H)[:, None] + (kh * DIL_H)[None, :]
+        iw = (ow * STRIDE_W - PAD_W)[:, None] + (kw * DIL_W)[None, :]
+        a_mask = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_ptr + (img64 * sxn)[:, None] + ((c_base + c) * sxc)[None, :] + ih * sxh + iw * sxw,
+                    mask=a_mask, other=0.0)
+        a = _prologue(a, c, k_ok, a_mask, mean_ptr + c_base, scale_ptr + c_base, shift_ptr + c_base, PROLOGUE)
+        g = tl.load(dy_ptr + (img64 * sdn + oh * sdh + ow * sdw)[:, None] + (co * sdc)[None, :],
+                    mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _mma(tl.trans(g), a, acc, INPUT_PRECISION, DOT_IN_FP32)
+    dw_ptrs = dw_ptr + (co * swo)[:, None] + (c * swi + kh * swh + kw * sww)[None, :]
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _conv_bn_dgrad_kernel(
+        dy_ptr, w_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, invstd_ptr, out_ptr, psum_ptr, psumx_ptr,
+        MI, H, W, C_IN_G, C_IN, HO, WO, C_OUT_G,
+        sdn, sdc, sdh, sdw,
+        swo, swi, swh, sww,
+        sxn, sxc, sxh, sxw,
+        son, soc, soh, sow,
+        STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+        DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grad_a[p, ci] = sum_(tap, co) dy[p's output pixel for tap, co] * w[co, ci, tap] over input pixels p.
+
+    With PROLOGUE the epilogue recomputes z = bn(x) at the tile, applies dReLU (gz = grad_a where z > 0),
+    writes gz (fp32) and the tile's per-channel partial sums of gz and gz * xhat (deterministic, no atomics);
+    without it, grad_a is the input gradient and is written in the output dtype.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tiles_n = tl.cdiv(C_IN_G, BLOCK_N)
+    grp = pid_n // tiles_n
+    tile_n = pid_n % tiles_n
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < MI
+    n_ok = rn < C_IN_G
+    ci = grp * C_IN_G + rn
+    hw = H * W
+    img64 = (rm // hw).to(tl.int64)
+    pix = rm % hw
+    ih = pix // W
+    iw = pix % W
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(0, KH * KW):
+        kh = tap // KW
+        kw = tap % KW
+        oh_num = ih + PAD_H - kh * DIL_H
+        ow_num = iw + PAD_W - kw * DIL_W
+        oh = oh_num // STRIDE_H
+        ow = ow_num // STRIDE_W
+        row_ok = (m_ok & (oh_num >= 0) & (ow_num >= 0) & (oh_num % STRIDE_H == 0) & (ow_num % STRIDE_W == 0)
+                  & (oh < HO) & (ow < WO))
+        g_rows = dy_ptr + img64 * sdn + oh * sdh + ow * sdw
+        for c0 in range(0, C_OUT_G, BLOCK_K):
+            co = grp * C_OUT_G + c0 + rk
+            co_ok = (c0 + rk) < C_OUT_G
+            g = tl.load(g_rows[:, None] + (co * sdc)[None, :], mask=row_ok[:, None] & co_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + (co * swo)[:, None] + (rn * swi)[None, :] + kh * swh + kw * sww,
+                         mask=co_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _mma(g, wt, acc, INPUT_PRECISION, DOT_IN_FP32)
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    o_ptrs = out_ptr + (img64 * son + ih * soh + iw * sow)[:, None] + (ci * soc)[None, :]
+    if PROLOGUE:
+        xv = tl.load(x_ptr + (img64 * sxn + ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :], mask=out_mask,
+                     other=0.0).to(tl.float32)
+        mu = tl.load(mean_ptr + ci, mask=n_ok, other=0.0)
+        sc = tl.load(scale_ptr + ci, mask=n_ok, other=0.0)
+        sh = tl.load(shift_ptr + ci, mask=n_ok, other=0.0)
+        inv = tl.load(invstd_ptr + ci, mask=n_ok, other=0.0)
+        centred = xv - mu[None, :]
+        z = centred * sc[None, :] + sh[None, :]
+        gz = tl.where(out_mask & (z > 0), acc, 0.0)
+        tl.store(o_ptrs, gz, mask=out_mask)
+        p_off = pid_m.to(tl.int64) * C_IN + ci
+        tl.store(psum_ptr + p_off, tl.sum(gz, axis=0), mask=n_ok)
+        tl.store(psumx_ptr + p_off, tl.sum(gz * (centred * inv[None, :]), axis=0), mask=n_ok)
+    else:
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _sum_partials_kernel(p_ptr, q_ptr, sum_p_ptr, sum_q_ptr, T, C, BLOCK_C: tl.constexpr):
+    """Per-channel sums of two (T, C) fp32 partial buffers, added in tile order (deterministic)."""
+    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    sp = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sq = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t in range(0, T):
+        sp += tl.load(p_ptr + t * C + rc, mask=c_ok, other=0.0)
+        sq += tl.load(q_ptr + t * C + rc, mask=c_ok, other=0.0)
+    tl.store(sum_p_ptr + rc, sp, mask=c_ok)
+    tl.store(sum_q_ptr + rc, sq, mask=c_ok)
+
+
+@triton.jit
+def _bn_input_grad_kernel(gz_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, sum_g_ptr, sum_gx_ptr, out_ptr,
+                          TOTAL, C, H, W, sn, sc, sh, sw, inv_n,
+                          TRAINING: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """grad_x = w * invstd * (gz - sum_g / n - xhat * sum_gx / n) (training) or w * invstd * gz, elementwise in
+    memory order; gz, x and grad_x share x's strides."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < TOTAL
+    if CHANNELS_LAST:
+        c = offs % C
+        w_ = (offs // C) % W
+        h = (offs // (C * W)) % H
+        n = offs // (C * W * H)
+    else:
+        w_ = offs % W
+        h = (offs // W) % H
+        c = (offs // (W * H)) % C
+        n = offs // (W * H * C)
+    off = n * sn + c * sc + h * sh + w_ * sw
+    gz = tl.load(gz_ptr + off, mask=ok, other=0.0)
+    k = tl.load(weight_ptr + c, mask=ok, other=0.0) * tl.load(invstd_ptr + c, mask=ok, other=0.0)
+    if TRAINING:
+        xv = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        xhat = (xv - tl.load(mean_ptr + c, mask=ok, other=0.0)) * tl.load(invstd_ptr + c, mask=ok, other=0.0)
+        sg = tl.load(sum_g_ptr + c, mask=ok, other=0.0)
+        sgx = tl.load(sum_gx_ptr + c, mask=ok, other=0.0)
+        dx = k * (gz - sg * inv_n - xhat * sgx * inv_n)
+    else:
+        dx = k * gz
+    tl.store(out_ptr + off, dx.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# Backward tiles: one fixed config (no autotuning of the backward kernels yet). Under the interpreter, wide tiles:
+# its cost is per program and per loop trip (resnet18 at 32x32: wgrad ~19 s with 32x128x128 tiles, ~6 s here).
+if _INTERPRET:
+    _BWD = {"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 256}
+else:
+    _BWD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+_ELEMENTWISE_BLOCK = 1024
+
+
+def backward(grad_y: Tensor, x: Tensor, weight: Tensor, in_mean: Optional[Tensor], in_invstd: Optional[Tensor],
+             in_weight: Optional[Tensor], in_bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+             dilation: Sequence[int], groups: int, prologue: bool, in_training: bool, need_input_grad: bool,
+             need_weight_grad: bool, need_in_affine_grad: bool):
+    """Triton launcher; contract in resfused/reference/conv_bn.py (backward).
+
+    Returns (grad_x, grad_weight, grad_in_weight, grad_in_bias); outputs not asked for are empty tensors.
+    """
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"the triton conv_bn supports float32, float16 and bfloat16, got {x.dtype}")
+    n, c_in, h, w = x.shape
+    c_out, c_in_g, kh, kw = weight.shape
+    _, _, ho, wo = grad_y.shape
+    c_out_g = c_out // groups
+    st = torch.float32
+    dev = x.device
+    cfg = dict(_BWD)
+    prec = input_precision(x.dtype)
+    dot_fp32 = _INTERPRET and x.dtype == torch.bfloat16
+    geometry = dict(STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+                    DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw)
+    if prologue:
+        pro_mean, pro_scale, pro_shift = in_mean, (in_weight * in_invstd).contiguous(), in_bias
+    else:
+        pro_mean = pro_scale = pro_shift = x  # never read: PROLOGUE is False
+    grad_weight = torch.empty((0,), dtype=weight.dtype, device=dev)
+    if need_weight_grad:
+        grad_weight = torch.empty_like(weight)
+        m = n * ho * wo
+        if m == 0:
+            grad_weight.zero_()
+        else:
+            grid = (groups * triton.cdiv(c_out_g, cfg["BLOCK_N"]), triton.cdiv(c_in_g * kh * kw, cfg["BLOCK_K"]))
+            _conv_bn_wgrad_kernel[grid](
+                x, grad_y, pro_mean, pro_scale, pro_shift, grad_weight,
+                m, h, w, c_in_g, ho, wo, c_out_g,
+                *x.stride(), *grad_y.stride(), *grad_weight.stride(),
+                **geometry, PROLOGUE=bool(prologue), INPUT_PRECISION=prec, DOT_IN_FP32=dot_fp32, **cfg)
+    grad_x = torch.empty((0,), dtype=x.dtype, device=dev)
+    grad_in_w = torch.empty((0,), dtype=st, device=dev)
+    grad_in_b = torch.empty((0,), dtype=st, device=dev)
+    need_affine = prologue and need_in_affine_grad
+    if not (need_input_grad or need_affine) or x.numel() == 0:
+        return grad_x, grad_weight, grad_in_w, grad_in_b
+    mi = n * h * w
+    tiles = triton.cdiv(mi, cfg["BLOCK_M"])
+    # Without a prologue dgrad writes the input gradient itself; with one it writes gz (fp32) for the dBN step.
+    out = torch.empty_like(x, dtype=st if prologue else x.dtype)
+    psum = torch.empty((tiles, c_in) if prologue else (1,), dtype=st, device=dev)
+    psumx = torch.empty_like(psum)
+    grid = (tiles, groups * triton.cdiv(c_in_g, cfg["BLOCK_N"]))
+    _conv_bn_dgrad_kernel[grid](
+        grad_y, weight, x, pro_mean, pro_scale, pro_shift, in_invstd if prologue else x, out, psum, psumx,
+        mi, h, w, c_in_g, c_in, ho, wo, c_out_g,
+        *grad_y.stride(), *weight.stride(), *x.stride(), *out.stride(),
+        **geometry, PROLOGUE=bool(prologue), INPUT_PRECISION=prec, DOT_IN_FP32=dot_fp32, **cfg)
+    if not prologue:
+        return out, grad_weight, grad_in_w, grad_in_b
+    sum_g = torch.empty((c_in,), dtype=st, device=dev)
+    sum_gx = torch.empty_like(sum_g)
+    _sum_partials_kernel[(triton.cdiv(c_in, _FINALIZE_BLOCK_C),)](psum, psumx, sum_g, sum_gx, tiles, c_in,
+                                                                  BLOCK_C=_FINALIZE_BLOCK_C)
+    if need_affine:
+        grad_in_w, grad_in_b = sum_gx, sum_g
+    if need_input_grad:
+        grad_x = torch.empty_like(x)
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        _bn_input_grad_kernel[(triton.cdiv(x.numel(), _ELEMENTWISE_BLOCK),)](
+            out, x, in_mean, in_invstd, in_weight, sum_g, sum_gx, grad_x,
+            x.numel(), c_in, h, w, *x.stride(), 1.0 / mi,
+            TRAINING=bool(in_training), CHANNELS_LAST=channels_last, BLOCK=_ELEMENTWISE_BLOCK)
+    return grad_x, grad_weight, grad_in_w, grad_in_b
+
+
+# ---------------------------------------------------------------------------------------------------
+# block tail: relu(bn(y) + residual or bn_d(residual)), packed 1-bit mask; its backward
+# ---------------------------------------------------------------------------------------------------
+# A dense (N, C, H, W) tensor is walked as (R, I) rows in memory order: NCHW rows are (n, c) planes of H*W, so a
+# row's channel is row % C; channels_last rows are pixels of C channels, so a column's channel is the column.
+# The mask is resfused._layout's: (R, ceil(I/8)) bytes, bit j of byte k = element 8k+j of the row. Tiles start
+# at multiples of 8 columns, so each mask byte is written by exactly one program.
+
+@triton.jit
+def _tail_channel(rr, ri, C, CHANNELS_LAST: tl.constexpr):
+    if CHANNELS_LAST:
+        c = ri[None, :] + 0 * rr[:, None]
+    else:
+        c = (rr % C)[:, None] + 0 * ri[None, :]
+    return c
+
+
+@triton.jit
+def _tail_fwd_kernel(y_ptr, r_ptr, out_ptr, mask_ptr, mean_ptr, scale_ptr, bias_ptr, rmean_ptr, rscale_ptr,
+                     rbias_ptr, R, I, C, NB,
+                     RES_BN: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    r_ok = rr < R
+    ok = r_ok[:, None] & (ri < I)[None, :]
+    c = _tail_channel(rr, ri, C, CHANNELS_LAST)
+    off = rr.to(tl.int64)[:, None] * I + ri[None, :]
+    mu = tl.load(mean_ptr + c, mask=ok, other=0.0)
+    z = (tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32) - mu) * tl.load(scale_ptr + c, mask=ok, other=0.0)
+    z += tl.load(bias_ptr + c, mask=ok, other=0.0)
+    r = tl.load(r_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    if RES_BN:
+        r = (r - tl.load(rmean_ptr + c, mask=ok, other=0.0)) * tl.load(rscale_ptr + c, mask=ok, other=0.0)
+        r += tl.load(rbias_ptr + c, mask=ok, other=0.0)
+    z += r
+    pos = (z > 0) & ok
+    tl.store(out_ptr + off, tl.where(pos, z, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
+    bits = pos.to(tl.int32) << (tl.arange(0, BLOCK_I) % 8)[None, :]
+    packed = tl.sum(tl.reshape(bits, [BLOCK_R, BLOCK_I // 8, 8]), axis=2)
+    rb = tl.program_id(1) * (BLOCK_I // 8) + tl.arange(0, BLOCK_I // 8)
+    tl.store(mask_ptr + rr.to(tl.int64)[:, None] * NB + rb[None, :], packed.to(tl.uint8),
+             mask=r_ok[:, None] & (rb < NB)[None, :])
+
+
+@triton.jit
+def _tail_gz(g_ptr, mask_ptr, rr, ri, ok, off, NB):
+    """dReLU: the upstream gradient where the packed mask bit is set, else 0 (fp32)."""
+    byte = tl.load(mask_ptr + rr.to(tl.int64)[:, None] * NB + (ri // 8)[None, :], mask=ok, other=0).to(tl.int32)
+    bit = (byte >> (ri % 8)[None, :]) & 1
+    return tl.where(ok & (bit != 0), tl.load(g_ptr + off, mask=ok, other=0.0).to(tl.float32), 0.0)
+
+
+@triton.jit
+def _tail_bwd_reduce_kernel(g_ptr, mask_ptr, y_ptr, r_ptr, mean_ptr, invstd_ptr, rmean_ptr, rinvstd_ptr,
+                            p_g_ptr, p_gy_ptr, p_gr_ptr, R, I, C, NB,
+                            RES_BN: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_I: tl.constexpr):
+    """Per-program partial sums of gz, gz * xhat(y) (and gz * xhat(residual)): channels_last programs reduce over
+    rows into a (row tiles, C) buffer; NCHW programs reduce over columns into a (column tiles, R) buffer."""
+    pid_r = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    ri = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    ok = (rr < R)[:, None] & (ri < I)[None, :]
+    c = _tail_channel(rr, ri, C, CHANNELS_LAST)
+    off = rr.to(tl.int64)[:, None] * I + ri[None, :]
+    gz = _tail_gz(g_ptr, mask_ptr, rr, ri, ok, off, NB)
+    xh = (tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32) - tl.load(mean_ptr + c, mask=ok, other=0.0))
+    gy = gz * xh * tl.load(invstd_ptr + c, mask=ok, other=0.0)
+    if RES_BN:
+        xr = tl.load(r_ptr + off, mask=ok, other=0.0).to(tl.float32) - tl.load(rmean_ptr + c, mask=ok, other=0.0)
+        gr = gz * xr * tl.load(rinvstd_ptr + c, mask=ok, other=0.0)
+    if CHANNELS_LAST:
+        p_off = pid_r.to(tl.int64) * I + ri
+        p_ok = ri < I
+        tl.store(p_g_ptr + p_off, tl.sum(gz, axis=0), mask=p_ok)
+        tl.store(p_gy_ptr + p_off, tl.sum(gy, axis=0), mask=p_ok)
+        if RES_BN:
+            tl.store(p_gr_ptr + p_off, tl.sum(gr, axis=0), mask=p_ok)
+    else:
+        p_off = pid_i.to(tl.int64) * R + rr
+        p_ok = rr < R
+        tl.store(p_g_ptr + p_off, tl.sum(gz, axis=1), mask=p_ok)
+        tl.store(p_gy_ptr + p_off, tl.sum(gy, axis=1), mask=p_ok)
+        if RES_BN:
+            tl.store(p_gr_ptr + p_off, tl.sum(gr, axis=1), mask=p_ok)
+
+
+@triton.jit
+def _tail_bwd_elementwise_kernel(g_ptr, mask_ptr, y_ptr, r_ptr, gy_out_ptr, gr_out_ptr,
+                                 mean_ptr, invstd_ptr, weight_ptr, rmean_ptr, rinvstd_ptr, rweight_ptr,
+                                 sum_g_ptr, sum_gy_ptr, sum_gr_ptr, R, I, C, NB, inv_n,
+                                 WRITE_Y: tl.constexpr, WRITE_R: tl.constexpr, TRAINING: tl.constexpr,
+                                 RES_TRAINING: tl.constexpr, RES_BN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                                 BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    ok = (rr < R)[:, None] & (ri < I)[None, :]
+    c = _tail_channel(rr, ri, C, CHANNELS_LAST)
+    off = rr.to(tl.int64)[:, None] * I + ri[None, :]
+    gz = _tail_gz(g_ptr, mask_ptr, rr, ri, ok, off, NB)
+    if TRAINING or RES_TRAINING:
+        sg = tl.load(sum_g_ptr + c, mask=ok, other=0.0) * inv_n
+    if WRITE_Y:
+        inv = tl.load(invstd_ptr + c, mask=ok, other=0.0)
+        k = tl.load(weight_ptr + c, mask=ok, other=0.0) * inv
+        if TRAINING:
+            xh = (tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32) - tl.load(mean_ptr + c, mask=ok, other=0.0))
+            dy = k * (gz - sg - xh * inv * tl.load(sum_gy_ptr + c, mask=ok, other=0.0) * inv_n)
+        else:
+            dy = k * gz
+        tl.store(gy_out_ptr + off, dy.to(gy_out_ptr.dtype.element_ty), mask=ok)
+    if WRITE_R:
+        if RES_BN:
+            rinv = tl.load(rinvstd_ptr + c, mask=ok, other=0.0)
+            kr = tl.load(rweight_ptr + c, mask=ok, other=0.0) * rinv
+            if RES_TRAINING:
+                xr = tl.load(r_ptr + off, mask=ok, other=0.0).to(tl.float32) - tl.load(rmean_ptr + c, mask=ok,
+                                                                                     other=0.0)
+                dr = kr * (gz - sg - xr * rinv * tl.load(sum_gr_ptr + c, mask=ok, other=0.0) * inv_n)
+            else:
+                dr = kr * gz
+        else:
+            dr = gz
+        tl.store(gr_out_ptr + off, dr.to(gr_out_ptr.dtype.element_ty), mask=ok)
+
+
+if _INTERPRET:
+    _TAIL = {"BLOCK_R": 64, "BLOCK_I": 64}
+else:
+    _TAIL = {"BLOCK_R": 32, "BLOCK_I": 64, "num_warps": 4}
+
+
+def _tail_geometry(y: Tensor):
+    """(R, I, channels_last) of y's memory-order row view; mask bytes per row are ceil(I / 8)."""
+    n, c, h, w = y.shape
+    channels_last = not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
+    return (n * h * w, c, True) if channels_last else (n * c, h * w, False)
+
+
+def tail_forward(y: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
+                 res_mean: Optional[Tensor], res_invstd: Optional[Tensor], res_weight: Optional[Tensor],
+                 res_bias: Optional[Tensor], residual_bn: bool):
+    """Triton launcher; contract in resfused/reference/conv_bn.py (tail_forward). Returns (out, mask)."""
+    if y.dtype not in _DTYPES:
+        raise TypeError(f"the triton conv_bn supports float32, float16 and bfloat16, got {y.dtype}")
+    rows, inner, channels_last = _tail_geometry(y)
+    nb = (inner + 7) // 8
+    out = torch.empty_like(y)
+    mask = torch.empty((rows, nb), dtype=torch.uint8, device=y.device)
+    if y.numel() == 0:
+        return out, mask
+    scale = (weight * invstd).contiguous()
+    rscale = (res_weight * res_invstd).contiguous() if residual_bn else scale
+    cfg = _TAIL
+    grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(inner, cfg["BLOCK_I"]))
+    _tail_fwd_kernel[grid](y, residual, out, mask, mean, scale, bias,
+                           res_mean if residual_bn else mean, rscale, res_bias if residual_bn else bias,
+                           rows, inner, y.shape[1], nb, RES_BN=bool(residual_bn), CHANNELS_LAST=channels_last, **cfg)
+    return out, mask
+
+
+def tail_backward(grad_out: Tensor, mask: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor,
+                  residual: Tensor, res_mean: Optional[Tensor], res_invstd: Optional[Tensor],
+                  res_weight: Optional[Tensor], residual_bn: bool, training: bool, res_training: bool,
+                  need_y_grad: bool, need_affine_grad: bool, need_residual_grad: bool, need_res_affine_grad: bool):
+    """Triton launcher; contract in resfused/reference/conv_bn.py (tail_backward): a reduction kernel (per-program
+    partials; the partials are summed per channel with torch, deterministic), then one elementwise kernel."""
+    st = torch.float32
+    dev = y.device
+    c = y.shape[1]
+    empty = lambda dtype: torch.empty((0,), dtype=dtype, device=dev)  # noqa: E731
+    rows, inner, channels_last = _tail_geometry(y)
+    nb = (inner + 7) // 8
+    cfg = _TAIL
+    grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(inner, cfg["BLOCK_I"]))
+    res_bn = bool(residual_bn)
+    need_sums = need_affine_grad or (need_y_grad and training) or (
+        res_bn and (need_res_affine_grad or (need_residual_grad and res_training)))
+    sum_g = sum_gy = sum_gr = mean  # placeholders, never read when not computed
+    if need_sums and y.numel():
+        parts = (grid[0], inner) if channels_last else (grid[1], rows)
+        p_g = torch.empty(parts, dtype=st, device=dev)
+        p_gy, p_gr = torch.empty_like(p_g), torch.empty_like(p_g) if res_bn else p_g
+        _tail_bwd_reduce_kernel[grid](grad_out, mask, y, residual if res_bn else y, mean, invstd,
+                                      res_mean if res_bn else mean, res_invstd if res_bn else invstd,
+                                      p_g, p_gy, p_gr, rows, inner, c, nb, RES_BN=res_bn,
+                                      CHANNELS_LAST=channels_last, **cfg)
+        fold = (lambda p: p.sum(dim=0)) if channels_last else (lambda p: p.view(-1, y.shape[0], c).sum(dim=(0, 1)))
+        sum_g, sum_gy = fold(p_g), fold(p_gy)
+        sum_gr = fold(p_gr) if res_bn else sum_g
+    elif need_sums:
+        sum_g = sum_gy = sum_gr = torch.zeros((c,), dtype=st, device=dev)
+    grad_w, grad_b = (sum_gy, sum_g) if need_affine_grad else (empty(st), empty(st))
+    grad_rw, grad_rb = (sum_gr, sum_g.clone()) if res_bn and need_res_affine_grad else (empty(st), empty(st))
+    write_y, write_r = bool(need_y_grad), bool(need_residual_grad)
+    grad_y = torch.empty_like(y) if write_y else empty(y.dtype)
+    grad_r = torch.empty_like(residual) if write_r else empty(y.dtype)
+    if (write_y or write_r) and y.numel():
+        n_per_channel = y.numel() // c
+        _tail_bwd_elementwise_kernel[grid](
+            grad_out, mask, y, residual if res_bn else y, grad_y if write_y else y, grad_r if write_r else y,
+            mean, invstd, weight, res_mean if res_bn else mean, res_invstd if res_bn else invstd,
+            res_weight if res_bn else weight, sum_g, sum_gy, sum_gr, rows, inner, c, nb, 1.0 / n_per_channel,
+            WRITE_Y=write_y, WRITE_R=write_r, TRAINING=bool(training), RES_TRAINING=bool(res_training) and res_bn,
+            RES_BN=res_bn, CHANNELS_LAST=channels_last, **cfg)
+    return grad_y, grad_w, grad_b, grad_r, grad_rw, grad_rb
