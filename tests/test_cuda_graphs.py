@@ -49,3 +49,37 @@ def test_training_step_graph_replay_matches_eager(backend):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-3, msg=n)
         for (n, a), b in zip(model.named_buffers(), twin.buffers()):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_compile_reduce_overhead_training_matches_eager(backend):
+    """torch.compile(mode="reduce-overhead"): inductor captures the converted model's training step in CUDA
+    graphs (no cudagraph skips: nothing syncs or allocates outside PyTorch) and replays it like eager."""
+    from torch._dynamo.utils import counters
+
+    if backend not in resfused.available_backends():
+        pytest.fail(f"backend {backend} unavailable on a GPU machine: "
+                    f"{resfused._backend.unavailable_reason(backend)}")
+    torch.manual_seed(0)
+    model = resfused.convert(torchvision.models.resnet18(num_classes=10), backend=backend).cuda()
+    twin = resfused.convert(torchvision.models.resnet18(num_classes=10), backend=backend).cuda()
+    twin.load_state_dict(model.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for step in range(4):
+        x = torch.randn(8, 3, 64, 64, device="cuda")
+        torch.compiler.cudagraph_mark_step_begin()
+        model.zero_grad(set_to_none=True)
+        loss = compiled(x).sum()
+        loss.backward()
+        twin.zero_grad(set_to_none=True)
+        twin_loss = twin(x).sum()
+        twin_loss.backward()
+        torch.testing.assert_close(loss, twin_loss, rtol=1e-3, atol=1e-3, msg=f"step {step}")
+        for (n, a), b in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-2, atol=1e-3, msg=f"step {step}: {n}")
+        for (n, a), b in zip(model.named_buffers(), twin.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"step {step}: {n}")
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
