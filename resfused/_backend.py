@@ -146,27 +146,45 @@ def _log_once(msg: str) -> None:
         logger.info(msg)
 
 
-def resolve(backend: Optional[str], tensor: torch.Tensor, sample_scale: bool = False) -> str:
-    """The concrete backend that will run an op on ``tensor``.
+def resolve_with(reason, backend: Optional[str], tensor: torch.Tensor, op: str = "") -> str:
+    """The concrete backend that will run an op on ``tensor``, given the op's availability check.
 
+    ``reason(name, device, dtype)`` is None when backend ``name`` can run the op, else why not.
     ``backend`` None means the process default. ``auto`` picks cuda > triton > reference for CUDA
     tensors and reference for CPU tensors; any other name must be usable or this raises.
-    ``sample_scale``: the call passes a per-sample scale (cuda cannot run it; auto skips it).
     """
     name = get_backend() if backend is None else _check_name(backend)
+    for_op = f" for {op}" if op else ""
     if name != "auto":
-        why = unavailable_reason(name, tensor.device, tensor.dtype, sample_scale)
+        why = reason(name, tensor.device, tensor.dtype)
         if why is not None:
-            raise RuntimeError(f"resfused backend {name!r} is unavailable: {why}")
+            raise RuntimeError(f"resfused backend {name!r} is unavailable{for_op}: {why}")
         return name
     if tensor.device.type != "cuda":
         return "reference"
     for cand in ("cuda", "triton"):
-        why = unavailable_reason(cand, tensor.device, tensor.dtype, sample_scale)
+        why = reason(cand, tensor.device, tensor.dtype)
         if why is None:
             return cand
-        _log_once(f"resfused: auto backend skips {cand!r}: {why}")
+        _log_once(f"resfused: auto backend skips {cand!r}{for_op}: {why}")
     return "reference"
+
+
+def resolve(backend: Optional[str], tensor: torch.Tensor, sample_scale: bool = False) -> str:
+    """resolve_with for the BN + add + ReLU ops. ``sample_scale``: the call passes a per-sample scale
+    (cuda cannot run it; auto skips it)."""
+    return resolve_with(lambda name, device, dtype: unavailable_reason(name, device, dtype, sample_scale),
+                        backend, tensor)
+
+
+def triton_unavailable_reason(module: str, device: torch.device) -> Optional[str]:
+    """None when the Triton kernels in ``module`` import and can run on ``device``, else why not."""
+    err = import_error(module)
+    if err:
+        return f"cannot import triton kernels: {err}"
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+        return None
+    return "the triton backend needs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1)"
 
 
 _warned_missing_ext = False

@@ -171,20 +171,6 @@ def validate_args(x, weight, bias, residual, shortcut_x, shortcut_weight, stride
     return shape
 
 
-_logged: set = set()
-
-
-def _log_once(msg: str) -> None:
-    if msg not in _logged:
-        _logged.add(msg)
-        _backend.logger.info(msg)
-
-
-def _triton_import_error() -> Optional[str]:
-    err = _backend.import_error("resfused.triton_kernels.conv_bias_act")
-    return None if err is None else f"cannot import triton kernels: {err}"
-
-
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """resfused._backend.unavailable_reason for this op: None if backend ``name`` can run it on (device, dtype).
 
@@ -194,37 +180,20 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> O
     if name == "reference":
         return None
     if name == "triton":
-        err = _triton_import_error()
-        if err:
-            return err
-        if device.type == "cuda" or (device.type == "cpu" and _backend.triton_interpreted()):
-            return None if dtype != torch.float64 else "the triton conv_bias_act supports fp32/fp16/bf16, not float64"
-        return "the triton backend needs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1)"
+        why = _backend.triton_unavailable_reason("resfused.triton_kernels.conv_bias_act", device)
+        if why is None and dtype == torch.float64:
+            why = "the triton conv_bias_act supports fp32/fp16/bf16, not float64"
+        return why
     if name == "cuda":
         return _backend.unavailable_reason("cuda", device, dtype) or cuda_op_reason()
     raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {name!r}")
 
 
 def resolve(backend: Optional[str], x: Tensor) -> str:
-    """The concrete backend that runs conv_bias_act on ``x``; same rules as resfused._backend.resolve.
-
-    ``auto`` picks cuda > triton > reference for CUDA tensors and reference for CPU tensors; an explicitly
-    named backend that cannot run the call raises.
-    """
-    name = _backend.get_backend() if backend is None else _backend._check_name(backend)
-    if name != "auto":
-        why = unavailable_reason(name, x.device, x.dtype)
-        if why is not None:
-            raise RuntimeError(f"resfused backend {name!r} is unavailable for conv_bias_act: {why}")
-        return name
-    if x.device.type != "cuda":
-        return "reference"
-    for cand in ("cuda", "triton"):
-        why = unavailable_reason(cand, x.device, x.dtype)
-        if why is None:
-            return cand
-        _log_once(f"resfused: auto backend skips {cand!r} for conv_bias_act: {why}")
-    return "reference"
+    """The concrete backend that runs conv_bias_act on ``x``; rules of resfused._backend.resolve_with
+    (``auto``: cuda > triton > reference for CUDA tensors, reference for CPU tensors; an explicitly named
+    backend that cannot run the call raises)."""
+    return _backend.resolve_with(unavailable_reason, backend, x, "conv_bias_act")
 
 
 def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -267,7 +236,7 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, resi
                   shortcut_stride)
     name = resolve(backend, x)
     if name == "cuda" and shortcut_x is not None:
-        _log_once("resfused: cuda conv_bias_act runs the projection shortcut as a separate cuDNN conv feeding the "
+        _backend._log_once("resfused: cuda conv_bias_act runs the projection shortcut as a separate cuDNN conv feeding the "
                   "fused conv's residual input (cuDNN's fused conv-bias-add-ReLU has no second GEMM)")
     return torch.ops.resfused.conv_bias_act(
         _dense(x), _dense(weight), bias, _dense(residual), _dense(shortcut_x), _dense(shortcut_weight), stride,

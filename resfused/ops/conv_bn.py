@@ -239,47 +239,24 @@ class BNParams(NamedTuple):
     training: bool
 
 
-_logged: set = set()
-
-
-def _log_once(msg: str) -> None:
-    if msg not in _logged:
-        _logged.add(msg)
-        _backend.logger.info(msg)
-
-
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """None if backend ``name`` can run the conv_bn ops on (device, dtype), else why not."""
     if name == "reference":
         return None
     if name == "triton":
-        err = _backend.import_error("resfused.triton_kernels.conv_bn")
-        if err:
-            return f"cannot import triton kernels: {err}"
-        if device.type == "cuda" or (device.type == "cpu" and _backend.triton_interpreted()):
-            return None if dtype != torch.float64 else "the triton conv_bn supports fp32/fp16/bf16, not float64"
-        return "the triton backend needs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1)"
+        why = _backend.triton_unavailable_reason("resfused.triton_kernels.conv_bn", device)
+        if why is None and dtype == torch.float64:
+            why = "the triton conv_bn supports fp32/fp16/bf16, not float64"
+        return why
     if name == "cuda":
         return "conv_bn has no CUDA C++ implementation yet"
     raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {name!r}")
 
 
 def resolve(backend: Optional[str], x: Tensor) -> str:
-    """The concrete backend for the conv_bn ops on ``x``: an explicit name must work; ``auto`` picks triton for
-    CUDA tensors (the cuda backend has no conv_bn) and reference otherwise."""
-    name = _backend.get_backend() if backend is None else _backend._check_name(backend)
-    if name != "auto":
-        why = unavailable_reason(name, x.device, x.dtype)
-        if why is not None:
-            raise RuntimeError(f"resfused backend {name!r} is unavailable for conv_bn: {why}")
-        return name
-    if x.device.type != "cuda":
-        return "reference"
-    why = unavailable_reason("triton", x.device, x.dtype)
-    if why is None:
-        return "triton"
-    _log_once(f"resfused: auto backend skips 'triton' for conv_bn: {why}")
-    return "reference"
+    """The concrete backend for the conv_bn ops on ``x`` (rules of resfused._backend.resolve_with): ``auto``
+    picks triton for CUDA tensors (the cuda backend has no conv_bn) and reference otherwise."""
+    return _backend.resolve_with(unavailable_reason, backend, x, "conv_bn")
 
 
 def _check_vector(name: str, v, c: int, device: torch.device) -> None:
