@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from . import _backend
+from .convert import _torchvision_resnet, revert
 from .ops import conv_bias_act as _conv_op
 
 logger = logging.getLogger("resfused")
@@ -81,8 +82,10 @@ def _why_not_foldable(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} is not an nn.Conv2d"
     if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-            return f"{type(bn).__name__} is not a 2-D batch norm"
+        # Exact types: a subclass may do more than normalise (timm's BatchNormAct2d, resfused's
+        # BatchNormAddReLU2d apply an activation), and folding it would silently drop that.
+        if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+            return f"{type(bn).__name__} is not an nn.BatchNorm2d or nn.SyncBatchNorm"
         if bn.running_mean is None or bn.running_var is None:
             return "the BatchNorm tracks no running statistics (eval mode would normalise with batch statistics)"
     elif not _is_batchnorm(bn):
@@ -271,14 +274,6 @@ class FusedInferenceModel(_InferenceOnly, nn.Module):
 # surgery
 # ---------------------------------------------------------------------------------------------------
 
-def _torchvision_resnet():
-    try:
-        from torchvision.models import resnet
-    except ImportError:
-        return None
-    return resnet
-
-
 def _dual_gemm_shortcut(downsample: Optional[nn.Module]) -> Optional[tuple[nn.Conv2d, nn.Module]]:
     """(conv, bn) when ``downsample`` is torchvision's Sequential(conv1x1 stride s, BatchNorm2d), else None."""
     if type(downsample) is not nn.Sequential or len(downsample) != 2:
@@ -398,7 +393,8 @@ def _fold_tree(module: nn.Module, backend: Optional[str]) -> nn.Module:
 def fuse_for_inference(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     """A new inference-only module computing ``model``'s eval-mode forward with BN folded and fused kernels.
 
-    ``model`` is not modified (it is deep-copied first). Every Conv2d -> BatchNorm2d pair of a torchvision
+    ``model`` is not modified (it is deep-copied first; a model converted by resfused.convert, with or
+    without fuse_convs, is reverted on the copy). Every Conv2d -> BatchNorm2d pair of a torchvision
     ResNet (stem, BasicBlock/Bottleneck convs, downsample) is folded in fp32 and cast to the conv's dtype,
     and the blocks run resfused::conv_bias_act (bias, residual, ReLU and the projection shortcut in the conv
     epilogue). The result holds no nn.BatchNorm2d; a BatchNorm it cannot fold raises ValueError.
@@ -416,13 +412,16 @@ def fuse_for_inference(model: nn.Module, backend: Optional[str] = None) -> nn.Mo
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if backend is not None:
         _backend._check_name(backend)
-    fused = copy.deepcopy(model)
+    # Blocks converted by resfused.convert (for training) go back to torchvision's first: their BNs fold the same.
+    fused = revert(copy.deepcopy(model))
     fused.eval()
     fused = _fold_tree(fused, backend)
-    leftover = [name or "<model>" for name, m in fused.named_modules() if _is_batchnorm(m)]
+    leftover = [f"{name or '<model>'} ({type(m).__name__})" for name, m in fused.named_modules() if _is_batchnorm(m)]
     if leftover:
-        raise ValueError(f"resfused.fuse_for_inference cannot fold the BatchNorm at {', '.join(leftover)}: it does not "
-                         "directly follow an nn.Conv2d in a torchvision ResNet block, stem or nn.Sequential")
+        raise ValueError(f"resfused.fuse_for_inference cannot fold the BatchNorm at {', '.join(leftover)}: only an "
+                         "nn.BatchNorm2d, nn.SyncBatchNorm or FrozenBatchNorm2d directly after an nn.Conv2d in a "
+                         "torchvision ResNet block, stem or nn.Sequential is folded (a BatchNorm subclass may apply "
+                         "more than the affine map)")
     for p in fused.parameters():
         p.requires_grad_(False)
     return FusedInferenceModel(fused)

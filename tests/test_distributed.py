@@ -52,6 +52,9 @@ CASES = {
                                    sample_scale=[1.25, 0.0, 1.25, 0.5, 0.0]),
     "empty_rank": dict(split=(4, 0), c=4, hw=(2, 3), dtype=torch.float64, layout="nchw", relu=True,
                        residual=True, affine=True, momentum=0.1, group="world"),
+    # No rank has data: no statistics, running stats untouched (as stock BN on an empty batch).
+    "all_ranks_empty": dict(split=(0, 0), c=4, hw=(2, 3), dtype=torch.float64, layout="nchw", relu=True,
+                            residual=True, affine=True, momentum=0.1, group="world"),
     # Inputs far from zero in float32: E[x^2] - E[x]^2 would lose the variance (4 against 1e6) here: its
     # relative error would be ~1e-1. The merged variance itself carries ~6e-6: each rank's fp32 mean near
     # 1e3 is rounded by ~3e-5 before the exchange (as in nn.SyncBatchNorm), hence stats_rtol.

@@ -349,6 +349,29 @@ def test_bn_not_after_conv_raises():
         fuse_for_inference(model)
 
 
+def test_batchnorm_subclass_with_activation_raises_not_dropped():
+    """A BatchNorm subclass that also applies an activation (resfused's BatchNormAddReLU2d, timm's
+    BatchNormAct2d) must not be folded as if it were plain BN: that would silently drop the ReLU."""
+    from resfused.nn import BatchNormAddReLU2d
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAddReLU2d(4)).eval()
+    with pytest.raises(ValueError, match=r"cannot fold the BatchNorm at 1 \(BatchNormAddReLU2d\)"):
+        fuse_for_inference(model)
+
+
+@pytest.mark.parametrize("fuse_convs", [False, True], ids=["convert", "convert_fuse_convs"])
+def test_converted_model_fuses_like_stock(fuse_convs):
+    """convert (for training), then fuse_for_inference: the converted blocks are reverted on the copy and fold
+    like torchvision's; the converted input model keeps its blocks."""
+    model = _net("resnet18")
+    converted = resfused.convert(copy.deepcopy(model), fuse_convs=fuse_convs)
+    block_types = [type(m) for m in converted.modules()]
+    fused = fuse_for_inference(converted, backend="reference")
+    assert _no_batchnorm(fused)
+    assert [type(m) for m in converted.modules()] == block_types
+    _assert_matches_stock(fused, model, _images(), torch.float32)
+
+
 def test_unsupported_conv_falls_back_and_logs(caplog):
     """A block whose conv pads by reflection keeps cuDNN convs with folded BN, logs once, still matches."""
     model = torchvision.models.resnet18()

@@ -24,13 +24,12 @@ weight/bias gradients are the local sums, as nn.SyncBatchNorm: DistributedDataPa
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from .. import _layout
-from . import bn_add_relu as _op
 
 Tensor = torch.Tensor
 
@@ -86,7 +85,8 @@ def _local_partials(x: Tensor, stats_dtype: torch.dtype) -> Tensor:
 def _all_gather(packed: Tensor, group, world_size: int) -> Tensor:
     """(world_size, K) partials of every rank, rows in rank order; one collective."""
     out = packed.new_empty(world_size * packed.numel())
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.14
+    # all_gather_single is the newer name; all_gather_into_tensor the one older torch (2.11) has.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, packed, group=group)
     return out.view(world_size, packed.numel())
 
@@ -117,8 +117,12 @@ class SyncBatchNormAddReLUFunction(torch.autograd.Function):
         count, mean, m2 = _merge(_all_gather(_local_partials(x, stats_dtype), group, world_size), c)
         var = m2 / count.clamp_min(1)
         if running_mean is not None:
-            running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-            running_var.mul_(1 - momentum).add_(m2 / (count - 1).clamp_min(1), alpha=momentum)
+            # When every rank's batch is empty there are no statistics: the running stats stay as they are
+            # (as in torch and the single-process op), decided on the device (no host sync).
+            has_stats = count > 0
+            running_mean.copy_(torch.where(has_stats, running_mean * (1 - momentum) + mean * momentum, running_mean))
+            running_var.copy_(torch.where(has_stats, running_var * (1 - momentum)
+                                          + m2 / (count - 1).clamp_min(1) * momentum, running_var))
         if x.numel() == 0:
             y, mask = torch.empty_like(x), _layout.empty_mask(x.device)
         else:
@@ -190,28 +194,3 @@ def run_validated(input, residual, running_mean, running_var, weight, bias, mome
         if used is not given and given is not None:
             given.copy_(used)
     return y
-
-
-def sync_batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
-                             running_var: Optional[Tensor], weight: Optional[Tensor] = None,
-                             bias: Optional[Tensor] = None, momentum: float = 0.1, eps: float = 1e-5,
-                             relu: bool = True, process_group: Union[str, object] = WORLD,
-                             backend: Optional[str] = None, *, sample_scale: Optional[Tensor] = None) -> Tensor:
-    """Training-mode ``batch_norm_add_relu`` with batch statistics over every rank of ``process_group``.
-
-    Shapes, dtypes and layouts as resfused.ops.bn_add_relu.batch_norm_add_relu. Each rank's input must
-    have more than one value per channel, or none (an empty batch still joins the collectives). Falls
-    back to the single-process op when torch.distributed is not initialised or the group has one rank.
-    ``sample_scale`` as in batch_norm_add_relu.
-    """
-    from .. import _backend
-
-    check_process_group(process_group)
-    _op.validate_args(input, residual, running_mean, running_var, weight, bias, True, momentum, eps, sample_scale)
-    backend = _backend.resolve(backend, input, sample_scale=sample_scale is not None)
-    resolved = resolve_group(process_group)
-    if resolved is None:
-        return _op.run_validated(input, residual, running_mean, running_var, weight, bias, True, momentum, eps,
-                                 relu, backend, sample_scale)
-    return run_validated(input, residual, running_mean, running_var, weight, bias, momentum, eps, relu, backend,
-                         *resolved, sample_scale)
