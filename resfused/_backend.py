@@ -177,6 +177,12 @@ def resolve(backend: Optional[str], tensor: torch.Tensor, sample_scale: bool = F
                         backend, tensor)
 
 
+def autocast_off(t: torch.Tensor):
+    """Context for a custom op's implementation: autocast stays active inside custom ops, where it would
+    recast the reference's fp32-accumulating convolutions to the autocast dtype."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def triton_unavailable_reason(module: str, device: torch.device) -> Optional[str]:
     """None when the Triton kernels in ``module`` import and can run on ``device``, else why not."""
     err = import_error(module)

@@ -28,14 +28,15 @@ def _step(model, x, dtype):
     return y, grads
 
 
+@pytest.mark.parametrize("fuse_convs", [False, True], ids=["convert", "fuse_convs"])
 @pytest.mark.parametrize("dtype", AMP_DTYPES, ids=str)
-def test_autocast_resnet18_matches_stock(dtype):
+def test_autocast_resnet18_matches_stock(dtype, fuse_convs):
     torch.manual_seed(0)
     make = lambda: torchvision.models.resnet18(num_classes=10).to(DEVICE).to(memory_format=torch.channels_last)
     ref, stock, ours = make(), make(), make()
     stock.load_state_dict(ref.state_dict())
     ours.load_state_dict(ref.state_dict())
-    resfused.convert(ours)
+    resfused.convert(ours, fuse_convs=fuse_convs)
     x = torch.randn(4, 3, 64, 64, device=DEVICE).to(memory_format=torch.channels_last)
     y_ref, g_ref = _step(ref, x, torch.float32)
     y_stock, g_stock = _step(stock, x, dtype)

@@ -57,6 +57,14 @@ def _consumer_params(bn: nn.BatchNorm2d, mean: torch.Tensor, invstd: torch.Tenso
     return _op.BNParams(bn.running_mean, torch.rsqrt(bn.running_var + bn.eps), weight, bias, False)
 
 
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype for x's device when autocast is on there (and x is floating point), else None."""
+    device_type = x.device.type
+    if not x.is_floating_point() or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def fusable_downsample(ds: Optional[nn.Module]) -> bool:
     """True for torchvision's projection shortcut, nn.Sequential(nn.Conv2d (no bias, zero padding), nn.BatchNorm2d)."""
     return (type(ds) is nn.Sequential and len(ds) == 2 and type(ds[0]) is nn.Conv2d and ds[0].bias is None
@@ -104,7 +112,10 @@ class _ConvBNBlock(nn.Module):
 
     def _conv(self, x, conv: nn.Conv2d, prologue: Optional[_op.BNParams], bn: nn.BatchNorm2d):
         stats, running_mean, running_var, momentum, bump = _producer_args(bn)
-        out = _op.conv_bn(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups, prologue=prologue,
+        weight = conv.weight
+        if weight.dtype != x.dtype and _autocast_dtype(x) == x.dtype:
+            weight = weight.to(x.dtype)  # as autocast casts a stock conv's weight; the fp32 master gets the grad
+        out = _op.conv_bn(x, weight, conv.stride, conv.padding, conv.dilation, conv.groups, prologue=prologue,
                           stats=stats, running_mean=running_mean, running_var=running_var, momentum=momentum,
                           eps=bn.eps, backend=self.backend)
         if bump:
@@ -118,6 +129,9 @@ class _ConvBNBlock(nn.Module):
                              f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")
         if x.shape[1] != self.conv1.in_channels:
             raise ValueError(f"input has {x.shape[1]} channels, the block expects {self.conv1.in_channels}")
+        amp = _autocast_dtype(x)
+        if amp is not None:  # the custom ops have no autocast rule: cast as autocast would for the stock convs
+            x = x.to(amp)
         y, mean, invstd = self._conv(x, self.conv1, None, self.bn1)
         prev_bn = self.bn1
         for i in range(2, len(self._convs) + 1):

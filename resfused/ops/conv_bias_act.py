@@ -64,8 +64,9 @@ def conv_bias_act_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual
                      shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor], stride: list[int],
                      padding: list[int], dilation: list[int], groups: int, shortcut_stride: list[int], relu: bool,
                      backend: str) -> Tensor:
-    return _backend_fn(backend)(x, weight, bias, residual, shortcut_x, shortcut_weight, list(stride), list(padding),
-                                list(dilation), groups, list(shortcut_stride), relu)
+    with _backend.autocast_off(x):
+        return _backend_fn(backend)(x, weight, bias, residual, shortcut_x, shortcut_weight, list(stride),
+                                    list(padding), list(dilation), groups, list(shortcut_stride), relu)
 
 
 @conv_bias_act_op.register_fake

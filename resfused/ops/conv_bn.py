@@ -50,8 +50,7 @@ def _backend_impl(name: str):
     if name == "reference":
         return _reference
     if name == "triton":
-        tk = importlib.import_module("resfused.triton_kernels.conv_bn")
-        return tk
+        return importlib.import_module("resfused.triton_kernels.conv_bn")
     raise ValueError(f"resfused backend {name!r} has no conv_bn implementation")
 
 
@@ -65,9 +64,10 @@ def conv_bn_forward(x: Tensor, weight: Tensor, in_mean: Optional[Tensor], in_inv
                     running_var: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
                     groups: int, prologue: bool, stats: bool, momentum: float, eps: float,
                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(_backend_impl(backend).forward(x, weight, in_mean, in_invstd, in_weight, in_bias, running_mean,
-                                                running_var, list(stride), list(padding), list(dilation), groups,
-                                                prologue, stats, momentum, eps))
+    with _backend.autocast_off(x):
+        return tuple(_backend_impl(backend).forward(x, weight, in_mean, in_invstd, in_weight, in_bias, running_mean,
+                                                    running_var, list(stride), list(padding), list(dilation), groups,
+                                                    prologue, stats, momentum, eps))
 
 
 @conv_bn_forward.register_fake
@@ -86,10 +86,11 @@ def conv_bn_backward(grad_y: Tensor, x: Tensor, weight: Tensor, in_mean: Optiona
                      stride: list[int], padding: list[int], dilation: list[int], groups: int, prologue: bool,
                      in_training: bool, need_input_grad: bool, need_weight_grad: bool, need_in_affine_grad: bool,
                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_backend_impl(backend).backward(grad_y, x, weight, in_mean, in_invstd, in_weight, in_bias,
-                                                 list(stride), list(padding), list(dilation), groups, prologue,
-                                                 in_training, need_input_grad, need_weight_grad,
-                                                 need_in_affine_grad))
+    with _backend.autocast_off(x):
+        return tuple(_backend_impl(backend).backward(grad_y, x, weight, in_mean, in_invstd, in_weight, in_bias,
+                                                     list(stride), list(padding), list(dilation), groups, prologue,
+                                                     in_training, need_input_grad, need_weight_grad,
+                                                     need_in_affine_grad))
 
 
 @conv_bn_backward.register_fake
@@ -106,8 +107,9 @@ def _(grad_y, x, weight, in_mean, in_invstd, in_weight, in_bias, stride, padding
 def conv_bn_tail_forward(y: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
                          res_mean: Optional[Tensor], res_invstd: Optional[Tensor], res_weight: Optional[Tensor],
                          res_bias: Optional[Tensor], residual_bn: bool, backend: str) -> tuple[Tensor, Tensor]:
-    return tuple(_backend_impl(backend).tail_forward(y, mean, invstd, weight, bias, residual, res_mean, res_invstd,
-                                                     res_weight, res_bias, residual_bn))
+    with _backend.autocast_off(y):
+        return tuple(_backend_impl(backend).tail_forward(y, mean, invstd, weight, bias, residual, res_mean,
+                                                         res_invstd, res_weight, res_bias, residual_bn))
 
 
 @conv_bn_tail_forward.register_fake
@@ -123,10 +125,11 @@ def conv_bn_tail_backward(grad_out: Tensor, mask: Tensor, y: Tensor, mean: Tenso
                           need_y_grad: bool, need_affine_grad: bool, need_residual_grad: bool,
                           need_res_affine_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
                                                                              Tensor]:
-    return tuple(_backend_impl(backend).tail_backward(grad_out, mask, y, mean, invstd, weight, residual, res_mean,
-                                                      res_invstd, res_weight, residual_bn, training, res_training,
-                                                      need_y_grad, need_affine_grad, need_residual_grad,
-                                                      need_res_affine_grad))
+    with _backend.autocast_off(y):
+        return tuple(_backend_impl(backend).tail_backward(grad_out, mask, y, mean, invstd, weight, residual,
+                                                          res_mean, res_invstd, res_weight, residual_bn, training,
+                                                          res_training, need_y_grad, need_affine_grad,
+                                                          need_residual_grad, need_res_affine_grad))
 
 
 @conv_bn_tail_backward.register_fake
