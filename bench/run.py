@@ -144,6 +144,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from resfused import _backend
+
     gpu = torch.cuda.is_available() and not args.cpu
     if not gpu:
         print(NO_GPU_BANNER, flush=True)
@@ -214,7 +216,7 @@ def main(argv=None) -> int:
         timer={"kernel": kernel_timer.describe(), "model": model_timer.describe()},
         bytes_model=kernels.BYTES_MODEL, conv_model=convs.CONV_MODEL,
         cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
-        cudnn_allow_tf32=bool(torch.backends.cudnn.allow_tf32),
+        cudnn_allow_tf32=_backend.cudnn_conv_allows_tf32(),
         kernel_selection={k: list(v) if isinstance(v, tuple) else v for k, v in sel.items()},
         conv_selection={k: list(v) if isinstance(v, tuple) else v for k, v in conv_sel.items()},
         model_configs=[dataclasses.asdict(c) for c in model_cfgs])

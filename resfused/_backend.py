@@ -183,6 +183,18 @@ def autocast_off(t: torch.Tensor):
     return torch.autocast(t.device.type, enabled=False)
 
 
+def cudnn_conv_allows_tf32() -> bool:
+    """Whether cuDNN convolutions use TF32 for fp32 inputs.
+
+    The legacy flag torch.backends.cudnn.allow_tf32 raises once a program has mixed it with the newer
+    fp32_precision settings (set differently for convolutions and RNNs); then the convolution setting decides.
+    """
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", "ieee") == "tf32"
+
+
 def triton_unavailable_reason(module: str, device: torch.device) -> Optional[str]:
     """None when the Triton kernels in ``module`` import and can run on ``device``, else why not."""
     err = import_error(module)

@@ -202,7 +202,19 @@ def test_fake_impl_keeps_channels_last():
         assert y.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_tf32_follows_cudnn_flag():
+@pytest.fixture
+def restore_cudnn_tf32():
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    saved = (torch.backends.cudnn.allow_tf32, getattr(conv, "fp32_precision", None),
+             getattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision", None))
+    yield conv
+    if saved[1] is not None:
+        torch.backends.cudnn.conv.fp32_precision = saved[1]
+        torch.backends.cudnn.rnn.fp32_precision = saved[2]
+    torch.backends.cudnn.allow_tf32 = saved[0]
+
+
+def test_tf32_follows_cudnn_flag(restore_cudnn_tf32):
     """fp32 dots use TF32 exactly when cuDNN convolutions would (torch.backends.cudnn.allow_tf32)."""
     tk = pytest.importorskip("resfused.triton_kernels.conv_bias_act")
     torch.backends.cudnn.allow_tf32 = True
@@ -210,6 +222,21 @@ def test_tf32_follows_cudnn_flag():
     torch.backends.cudnn.allow_tf32 = False
     assert tk.input_precision(torch.float32) == "ieee"
     assert tk.input_precision(torch.bfloat16) == "ieee"
+
+
+def test_tf32_follows_the_fp32_precision_api(restore_cudnn_tf32):
+    """With the newer per-op fp32_precision settings (convolutions and RNNs set differently, where the legacy
+    flag raises when read), the convolution setting decides."""
+    conv = restore_cudnn_tf32
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        pytest.skip("this torch has no torch.backends.cudnn.conv.fp32_precision")
+    tk = pytest.importorskip("resfused.triton_kernels.conv_bias_act")
+    torch.backends.cudnn.rnn.fp32_precision = "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    assert tk.input_precision(torch.float32) == "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.backends.cudnn.rnn.fp32_precision = "tf32"
+    assert tk.input_precision(torch.float32) == "ieee"
 
 
 _GPU_COMPILE_SCRIPT = r"""

@@ -6,7 +6,7 @@ Block and model level: torchvision BasicBlock/Bottleneck (stride 1 and 2, with a
 resnet18/resnet50 after convert(fuse_convs=True): two SGD steps give stock's outputs, gradients, parameters and
 running stats (float64 tight; float32 within twice stock float32's error against float64), and eval afterwards
 gives stock's output.
-On CPU the triton backend runs its forward kernels in the interpreter; its backward is the reference's torch ops.
+On CPU the triton backend runs its kernels (forward, backward, tail) in the interpreter.
 """
 
 from __future__ import annotations

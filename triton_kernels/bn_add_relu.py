@@ -293,7 +293,8 @@ def _sample_scale_rows(ss_ptr, t, HW, R, S_TILES, CHANNELS_LAST: tl.constexpr, B
 
 @triton.jit
 def _inv_sqrt(v):
-    """1/sqrt(v), correctly rounded sqrt (tl.rsqrt is an approximation on GPUs)."""
+    """1/sqrt(v) with a correctly rounded sqrt (tl.rsqrt is an approximation on GPUs); the fp32 division
+    compiles to div.full (within 2 ulp), so invstd may differ from torch.rsqrt by an ulp or two."""
     if v.dtype == tl.float64:
         r = 1.0 / tl.sqrt(v)
     else:

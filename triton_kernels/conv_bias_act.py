@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from resfused import _backend
+
 Tensor = torch.Tensor
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -193,7 +195,7 @@ def _strides4(t: Tensor):
 
 def input_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: TF32 for fp32 exactly when cuDNN convolutions would use it."""
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+    if dtype == torch.float32 and _backend.cudnn_conv_allows_tf32():
         return "tf32"
     return "ieee"
 

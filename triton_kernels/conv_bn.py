@@ -43,7 +43,7 @@ Block tail, out = relu(bn(y) + residual) or relu(bn(y) + bn_d(residual)) (the do
             partial sums of gz and gz * xhat (no atomics; the small partial buffers are summed per channel with
             torch.sum, deterministic); _tail_bwd_elementwise_kernel: read grad, mask, y (, residual), write
             grad_y and grad_residual. Training, all gradients: 6 + 2/16 passes without a BN on the residual
-            (grad_residual = gz), 9 + 2/16 with one. Floor: the reductions must finish before any grad_y element
+            (grad_residual = gz), 8 + 2/16 with one. Floor: the reductions must finish before any grad_y element
             is known, so grad, mask and y are read twice: the same.
 
 Forward conv autotuned on GPU (restore_value on the count buffer, which a smaller BLOCK_M would overwrite
@@ -199,7 +199,7 @@ def _bn_stats_finalize_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, mean_ptr, invstd_ptr
         n = n_ab
     var = m2 / n
     tl.store(mean_ptr + rc, mean, mask=c_ok)
-    tl.store(invstd_ptr + rc, 1.0 / tl.sqrt(var + eps), mask=c_ok)
+    tl.store(invstd_ptr + rc, 1.0 / tl.math.sqrt_rn(var + eps), mask=c_ok)  # tl.sqrt is approximate on GPUs
     if UPDATE_RUNNING:
         rm = tl.load(rmean_ptr + rc, mask=c_ok, other=0.0)
         rv = tl.load(rvar_ptr + rc, mask=c_ok, other=0.0)
