@@ -267,10 +267,12 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
                          _backend.resolve(backend, input, sample_scale=sample_scale is not None), sample_scale)
 
 
-def run_validated(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu,
-                  backend, sample_scale=None):
-    """batch_norm_add_relu after validate_args and with a resolved backend name (for modules); a
-    sample_scale needs a backend resolved with ``sample_scale=True``."""
+def normalise_args(input, residual, running_mean, running_var, weight, bias, sample_scale):
+    """Validated arguments in the form the autograd Functions take: a dense input (other strides copied to
+    contiguous), the residual in its layout, statistics-dtype vectors (running stats cast on a copy when
+    their dtype differs; ``write_back_running_stats`` copies the update back) and whether a gradient is needed.
+
+    Returns (input, residual, weight, bias, run_mean, run_var, needs_grad, sample_scale)."""
     try:
         layout = _layout.layout_of(input)
     except ValueError:
@@ -286,10 +288,24 @@ def run_validated(input, residual, running_mean, running_var, weight, bias, trai
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, residual, weight, bias))
     sample_scale = None if sample_scale is None else sample_scale.contiguous()
+    return input, residual, weight, bias, run_mean, run_var, needs_grad, sample_scale
+
+
+def write_back_running_stats(running_mean, running_var, run_mean, run_var) -> None:
+    """Copy an update made on cast copies (normalise_args) back into the caller's running stats."""
+    for given, used in ((running_mean, run_mean), (running_var, run_var)):
+        if used is not given:
+            given.copy_(used)
+
+
+def run_validated(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu,
+                  backend, sample_scale=None):
+    """batch_norm_add_relu after validate_args and with a resolved backend name (for modules); a
+    sample_scale needs a backend resolved with ``sample_scale=True``."""
+    input, residual, weight, bias, run_mean, run_var, needs_grad, sample_scale = normalise_args(
+        input, residual, running_mean, running_var, weight, bias, sample_scale)
     y = BatchNormAddReLUFunction.apply(input, residual, weight, bias, run_mean, run_var, bool(training),
                                        float(momentum), float(eps), bool(relu), needs_grad, backend, sample_scale)
     if training:
-        for given, used in ((running_mean, run_mean), (running_var, run_var)):
-            if used is not given:
-                given.copy_(used)
+        write_back_running_stats(running_mean, running_var, run_mean, run_var)
     return y

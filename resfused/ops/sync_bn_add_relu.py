@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _layout
+from . import bn_add_relu as _op
 
 Tensor = torch.Tensor
 
@@ -172,25 +173,10 @@ def run_validated(input, residual, running_mean, running_var, weight, bias, mome
                   world_size, sample_scale=None):
     """Synchronised training forward after bn_add_relu.validate_args(training=True), with a resolved backend
     and a group from resolve_group. Layout and dtype handling as bn_add_relu.run_validated."""
-    try:
-        layout = _layout.layout_of(input)
-    except ValueError:
-        input = input.contiguous()
-        layout = _layout.NCHW
-    if residual is not None:
-        residual = residual.contiguous(memory_format=_layout.memory_format(layout))
-    stats = _layout.stats_dtype(input.dtype)
-    weight = None if weight is None else weight.to(stats)
-    bias = None if bias is None else bias.to(stats)
-    run_mean = None if running_mean is None else running_mean.to(stats)
-    run_var = None if running_var is None else running_var.to(stats)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, residual, weight, bias))
-    sample_scale = None if sample_scale is None else sample_scale.contiguous()
+    input, residual, weight, bias, run_mean, run_var, needs_grad, sample_scale = _op.normalise_args(
+        input, residual, running_mean, running_var, weight, bias, sample_scale)
     y = SyncBatchNormAddReLUFunction.apply(input, residual, weight, bias, run_mean, run_var, float(momentum),
                                            float(eps), bool(relu), needs_grad, backend, group, world_size,
                                            sample_scale)
-    for given, used in ((running_mean, run_mean), (running_var, run_var)):
-        if used is not given and given is not None:
-            given.copy_(used)
+    _op.write_back_running_stats(running_mean, running_var, run_mean, run_var)
     return y
