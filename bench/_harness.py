@@ -310,3 +310,38 @@ def _plain_progress(items: Iterable, total: int, desc: str):
             print(f"{desc}: {i}/{total}", file=sys.stderr, flush=True)
         yield item
     print(f"{desc}: {total}/{total}", file=sys.stderr, flush=True)
+
+
+def pytest_benchmark_target(suite, case, impl: str,
+                            device: Optional[torch.device] = None) -> tuple[Callable[[], None], int]:
+    """The timed callable of a pytest-benchmark entry (bench/bench_*.py ``test_*``) for ``case`` and ``impl``.
+
+    ``suite`` is the kernel module (make_inputs, bytes_per_input_set, make_step, make_forward,
+    impl_unavailable_reason). ``device`` None means the GPU: skips without one. Skips when ``impl`` cannot run
+    the case. The callable runs one step on the next rotated input set and synchronises (wall clock per call,
+    ~10 us above run.py's CUDA events). Returns (callable, number of input sets); the caller makes the first,
+    untimed call."""
+    import itertools
+
+    import pytest
+
+    if device is None:
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device")
+        device = torch.device("cuda")
+    why = suite.impl_unavailable_reason(impl, device, case.torch_dtype)
+    if why is not None:
+        pytest.skip(why)
+    torch.backends.cudnn.benchmark = True
+    if impl == "compile":
+        torch._dynamo.reset()
+    inputs = suite.make_inputs(case, device, rotation_sets(suite.bytes_per_input_set(case), l2_cache_bytes(device)))
+    step = suite.make_step(suite.make_forward(impl), case, inputs)
+    counter = itertools.count()
+
+    def target():
+        step(next(counter) % inputs.n_sets)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return target, inputs.n_sets

@@ -352,33 +352,14 @@ def run_kernel_suite(doc: dict, cases: Sequence[KernelCase], impls: Sequence[str
 # ---------------------------------------------------------------------------------------------------
 
 def test_batch_norm_add_relu(benchmark, kernel_case: KernelCase, kernel_impl: str):
-    import itertools
+    import sys
 
-    import pytest
-
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    device = torch.device("cuda")
-    why = impl_unavailable_reason(kernel_impl, device, kernel_case.torch_dtype)
-    if why is not None:
-        pytest.skip(why)
     from . import _harness
 
-    torch.backends.cudnn.benchmark = True
-    if kernel_impl == "compile":
-        torch._dynamo.reset()
-    inputs = make_inputs(kernel_case, device,
-                         _harness.rotation_sets(bytes_per_input_set(kernel_case), _harness.l2_cache_bytes(device)))
-    step = make_step(make_forward(kernel_impl), kernel_case, inputs)
-    counter = itertools.count()
-
-    def target():  # wall clock per call including one synchronize (~10 us); run.py's events are tighter
-        step(next(counter) % inputs.n_sets)
-        torch.cuda.synchronize()
-
+    target, n_sets = _harness.pytest_benchmark_target(sys.modules[__name__], kernel_case, kernel_impl)
     target()  # compilation, autotuning and cuDNN's benchmark search stay out of the statistics
     nbytes = min_bytes(kernel_case)
-    benchmark.extra_info.update(kernel_case.row_fields(), impl=kernel_impl, bytes=nbytes, input_sets=inputs.n_sets)
+    benchmark.extra_info.update(kernel_case.row_fields(), impl=kernel_impl, bytes=nbytes, input_sets=n_sets)
     benchmark.pedantic(target, rounds=30, warmup_rounds=5, iterations=1)
     stats = getattr(getattr(benchmark, "stats", None), "stats", None)
     if stats is not None and stats.median > 0:

@@ -470,30 +470,13 @@ def run_conv_suite(doc: dict, cases: Sequence[ConvCase], impls: Sequence[str], d
 # ---------------------------------------------------------------------------------------------------
 
 def test_conv_bias_act(benchmark, conv_case: ConvCase, conv_impl: str):
-    import itertools
+    import sys
 
     import pytest
 
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    device = torch.device("cuda")
-    why = impl_unavailable_reason(conv_impl, device, conv_case.torch_dtype)
-    if why is not None:
-        pytest.skip(why)
     from . import _harness
 
-    torch.backends.cudnn.benchmark = True
-    if conv_impl == "compile":
-        torch._dynamo.reset()
-    inputs = make_inputs(conv_case, device,
-                         _harness.rotation_sets(bytes_per_input_set(conv_case), _harness.l2_cache_bytes(device)))
-    step = make_step(make_forward(conv_impl), conv_case, inputs)
-    counter = itertools.count()
-
-    def target():  # wall clock per call including one synchronize (~10 us); run.py's events are tighter
-        step(next(counter) % inputs.n_sets)
-        torch.cuda.synchronize()
-
+    target, n_sets = _harness.pytest_benchmark_target(sys.modules[__name__], conv_case, conv_impl)
     try:
         target()  # compilation, autotuning and cuDNN's benchmark search stay out of the statistics
     except RuntimeError as e:
@@ -503,7 +486,7 @@ def test_conv_bias_act(benchmark, conv_case: ConvCase, conv_impl: str):
         pytest.skip(skip)
     nbytes, nflops = min_bytes(conv_case), flops(conv_case)
     benchmark.extra_info.update(conv_case.row_fields(), impl=conv_impl, bytes=nbytes, flops=nflops,
-                                input_sets=inputs.n_sets)
+                                input_sets=n_sets)
     benchmark.pedantic(target, rounds=30, warmup_rounds=5, iterations=1)
     stats = getattr(getattr(benchmark, "stats", None), "stats", None)
     if stats is not None and stats.median > 0:

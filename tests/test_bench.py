@@ -821,3 +821,19 @@ def test_gpu_check_failed_and_skipped_steps_fail_the_run(tmp_path):
     proc = _gpu_check(tmp_path, GPU_CHECK_STEPS="info", GPU_CHECK_BUDGET_S="0")
     assert proc.returncode == 1 and "SKIPPED" in proc.stdout
     assert _gpu_check(tmp_path, "--bogus").returncode == 2
+
+
+@pytest.mark.parametrize("suite", ["kernel", "conv"])
+def test_pytest_benchmark_target_runs_on_cpu(suite, one_thread):
+    """The shared pytest-benchmark setup (bench._harness.pytest_benchmark_target), run on CPU with eager:
+    the callable steps through the rotated input sets without error."""
+    from bench import _harness
+
+    if suite == "kernel":
+        module, case = kb, kb.KernelCase("batch_norm_add_relu", "train_fwd_bwd", 2, 8, 4, 4, "fp32")
+    else:
+        module, case = kc, _conv_case()
+    target, n_sets = _harness.pytest_benchmark_target(module, case, "eager", device=torch.device("cpu"))
+    assert n_sets >= 1
+    for _ in range(n_sets + 1):
+        target()
