@@ -58,6 +58,25 @@ def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
 
 
 @triton.jit
+def _gemm_tile(M, N_G, SP_H, SP_W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile of a grouped implicit GEMM over a 2-D grid (row tiles, groups x column tiles).
+
+    Rows rm are the pixels of an (N, SP_H, SP_W) image grid, columns rn the channels of group grp. Returns
+    (grp, rm, rn, m_ok, n_ok, img64, ph, pw): the pixel's image index in int64 (it scales image strides) and
+    its position.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tiles_n = tl.cdiv(N_G, BLOCK_N)
+    grp = pid_n // tiles_n
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid_n % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    hw = SP_H * SP_W
+    pix = rm % hw
+    return grp, rm, rn, rm < M, rn < N_G, (rm // hw).to(tl.int64), pix // SP_W, pix % SP_W
+
+
+@triton.jit
 def _conv_bias_act_kernel(
         x_ptr, w_ptr, bias_ptr, res_ptr, x2_ptr, w2_ptr, y_ptr,
         M, M_BUCKET, H, W, C_IN_G, HO, WO, C_OUT_G, C2,
@@ -73,25 +92,9 @@ def _conv_bias_act_kernel(
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SC: tl.constexpr, RELU: tl.constexpr,
         FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    tiles_n = tl.cdiv(C_OUT_G, BLOCK_N)
-    grp = pid_n // tiles_n
-    tile_n = pid_n % tiles_n
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    grp, rm, rn, m_ok, n_ok, img64, oh, ow = _gemm_tile(M, C_OUT_G, HO, WO, BLOCK_M, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < C_OUT_G
     co = grp * C_OUT_G + rn
-
-    hw_o = HO * WO
-    img = rm // hw_o
-    pix = rm % hw_o
-    oh = pix // WO
-    ow = pix % WO
-    img64 = img.to(tl.int64)
     ih0 = oh * STRIDE_H - PAD_H
     iw0 = ow * STRIDE_W - PAD_W
 

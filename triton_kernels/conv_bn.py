@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv_bias_act import _FLAT_K_BELOW, _gpu_configs, _mma, _out_size, input_precision
+from .conv_bias_act import _FLAT_K_BELOW, _gemm_tile, _gpu_configs, _mma, _out_size, input_precision
 
 Tensor = torch.Tensor
 
@@ -93,25 +93,9 @@ def _conv_bn_fwd_kernel(
         PROLOGUE: tl.constexpr, STATS: tl.constexpr,
         FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    tiles_n = tl.cdiv(C_OUT_G, BLOCK_N)
-    grp = pid_n // tiles_n
-    tile_n = pid_n % tiles_n
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    grp, rm, rn, m_ok, n_ok, img64, oh, ow = _gemm_tile(M, C_OUT_G, HO, WO, BLOCK_M, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < C_OUT_G
     co = grp * C_OUT_G + rn
-
-    hw_o = HO * WO
-    img = rm // hw_o
-    pix = rm % hw_o
-    oh = pix // WO
-    ow = pix % WO
-    img64 = img.to(tl.int64)
     ih0 = oh * STRIDE_H - PAD_H
     iw0 = ow * STRIDE_W - PAD_W
 
@@ -163,6 +147,7 @@ def _conv_bn_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
     if STATS:
+        pid_m = tl.program_id(0)
         # Rows past M hold exact zeros (their A rows were masked to 0), so the plain sum is the valid rows' sum.
         cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
         t_mean = tl.sum(acc, axis=0) / cnt
@@ -171,7 +156,7 @@ def _conv_bn_fwd_kernel(
         p_off = pid_m.to(tl.int64) * C_OUT + co
         tl.store(pmean_ptr + p_off, t_mean, mask=n_ok)
         tl.store(pm2_ptr + p_off, t_m2, mask=n_ok)
-        tl.store(pcnt_ptr + pid_m, cnt, mask=pid_n == 0)
+        tl.store(pcnt_ptr + pid_m, cnt, mask=tl.program_id(1) == 0)
 
 
 @triton.jit
@@ -363,22 +348,9 @@ def _conv_bn_dgrad_kernel(
     writes gz (fp32) and the tile's per-channel partial sums of gz and gz * xhat (deterministic, no atomics);
     without it, grad_a is the input gradient and is written in the output dtype.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    tiles_n = tl.cdiv(C_IN_G, BLOCK_N)
-    grp = pid_n // tiles_n
-    tile_n = pid_n % tiles_n
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    grp, rm, rn, m_ok, n_ok, img64, ih, iw = _gemm_tile(MI, C_IN_G, H, W, BLOCK_M, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < MI
-    n_ok = rn < C_IN_G
     ci = grp * C_IN_G + rn
-    hw = H * W
-    img64 = (rm // hw).to(tl.int64)
-    pix = rm % hw
-    ih = pix // W
-    iw = pix % W
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tap in range(0, KH * KW):
         kh = tap // KW
@@ -410,7 +382,7 @@ def _conv_bn_dgrad_kernel(
         z = centred * sc[None, :] + sh[None, :]
         gz = tl.where(out_mask & (z > 0), acc, 0.0)
         tl.store(o_ptrs, gz, mask=out_mask)
-        p_off = pid_m.to(tl.int64) * C_IN + ci
+        p_off = tl.program_id(0).to(tl.int64) * C_IN + ci
         tl.store(psum_ptr + p_off, tl.sum(gz, axis=0), mask=n_ok)
         tl.store(psumx_ptr + p_off, tl.sum(gz * (centred * inv[None, :]), axis=0), mask=n_ok)
     else:
