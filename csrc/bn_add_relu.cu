@@ -428,6 +428,28 @@ __device__ __forceinline__ float act(float x, float r, float mean, float scale, 
   return has_res ? v + r : v;
 }
 
+// One group of the apply: out = relu?(act(x, r)) per element, with element e's (mean, scale, shift) from
+// prm(e, mean, scale, shift). Returns the ReLU mask bits (bit e: element e kept; all zero without ReLU).
+template <typename E, typename Prm>
+__device__ __forceinline__ uint32_t apply_group(const KParams& p, const Group<typename E::Bits>& x,
+                                                const Group<typename E::Bits>& r, Prm prm,
+                                                Group<typename E::Bits>& out) {
+  uint32_t bits = 0;
+#pragma unroll
+  for (int e = 0; e < kGroup; ++e) {
+    float mean, scale, shift;
+    prm(e, mean, scale, shift);
+    float v = act(E::to_float(x.v[e]), p.has_res ? E::to_float(r.v[e]) : 0.f, mean, scale, shift, p.has_res);
+    if (p.relu) {
+      const bool pos = v > 0.f;
+      bits |= static_cast<uint32_t>(pos) << e;
+      v = pos ? v : 0.f;
+    }
+    out.v[e] = E::from_float(v);
+  }
+  return bits;
+}
+
 // ------------------------------------------------------------------------------------------------
 // channels_last: blocks of (TX, TY) threads; a thread owns one 8-channel group k of a channel tile
 // and walks rows row0 + ty + i*TY of its block's slice [row0, row1)
@@ -561,18 +583,11 @@ __device__ __forceinline__ void cl_apply_phase(const KParams& p, const ClThread&
       if (j < t.iters) {
         const int i = reverse ? t.iters - 1 - j : j;
         Group<Bits> out;
-        uint32_t bits = 0;
-#pragma unroll
-        for (int e = 0; e < kGroup; ++e) {
-          float v = act(E::to_float(xv[u].v[e]), p.has_res ? E::to_float(rv[u].v[e]) : 0.f, t.prm(prm, 0, e),
-                        t.prm(prm, 1, e), t.prm(prm, 2, e), p.has_res);
-          if (p.relu) {
-            const bool pos = v > 0.f;
-            bits |= static_cast<uint32_t>(pos) << e;
-            v = pos ? v : 0.f;
-          }
-          out.v[e] = E::from_float(v);
-        }
+        const uint32_t bits = apply_group<E>(p, xv[u], rv[u], [&](int e, float& m, float& sc, float& sh) {
+          m = t.prm(prm, 0, e);
+          sc = t.prm(prm, 1, e);
+          sh = t.prm(prm, 2, e);
+        }, out);
         store_group(y + t.offset(p, i), out, t.nv);
         if (p.mask_out != nullptr) p.mask_out[t.mask_index(p, i)] = static_cast<uint8_t>(bits & valid);
       }
@@ -842,18 +857,11 @@ __device__ __forceinline__ void nc_apply_phase(const KParams& p, const NcThread&
     for (int u = 0; u < U; ++u) {
       if (j0 + u < n.iters) {
         Group<Bits> out;
-        uint32_t bits = 0;
-#pragma unroll
-        for (int e = 0; e < kGroup; ++e) {
-          float v = act(E::to_float(xv[u].v[e]), p.has_res ? E::to_float(rv[u].v[e]) : 0.f, mean, scale, shift,
-                        p.has_res);
-          if (p.relu) {
-            const bool pos = v > 0.f;
-            bits |= static_cast<uint32_t>(pos) << e;
-            v = pos ? v : 0.f;
-          }
-          out.v[e] = E::from_float(v);
-        }
+        const uint32_t bits = apply_group<E>(p, xv[u], rv[u], [&](int, float& m, float& sc, float& sh) {
+          m = mean;
+          sc = scale;
+          sh = shift;
+        }, out);
         store_group(y + l[u].off, out, l[u].nv);
         if (p.mask_out != nullptr) p.mask_out[l[u].mask] = static_cast<uint8_t>(bits & valid_bits(l[u].nv));
       }
@@ -1085,18 +1093,11 @@ __global__ void __launch_bounds__(kThreads) nchw_apply_kernel(KParams p) {
       float mean, scale, shift;
       apply_params(p, ch[u], mean, scale, shift);
       Group<Bits> out;
-      uint32_t bits = 0;
-#pragma unroll
-      for (int e = 0; e < kGroup; ++e) {
-        float v = act(E::to_float(xv[u].v[e]), p.has_res ? E::to_float(rv[u].v[e]) : 0.f, mean, scale, shift,
-                      p.has_res);
-        if (p.relu) {
-          const bool pos = v > 0.f;
-          bits |= static_cast<uint32_t>(pos) << e;
-          v = pos ? v : 0.f;
-        }
-        out.v[e] = E::from_float(v);
-      }
+      const uint32_t bits = apply_group<E>(p, xv[u], rv[u], [&](int, float& m, float& sc, float& sh) {
+        m = mean;
+        sc = scale;
+        sh = shift;
+      }, out);
       store_group(y + l[u].off, out, l[u].nv);
       if (p.mask_out != nullptr) p.mask_out[l[u].mask] = static_cast<uint8_t>(bits & valid_bits(l[u].nv));
     }
