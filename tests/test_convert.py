@@ -12,6 +12,7 @@ from torch import nn
 import resfused
 from resfused.nn import BasicBlock, Bottleneck, BatchNormAddReLU2d
 
+from _oracle import nrel, randomize_batchnorms, sgd_steps
 from conftest import DEVICE, HAS_CUDA, usable_backends
 
 torchvision = pytest.importorskip("torchvision")
@@ -25,33 +26,7 @@ CASES = [(m, b) for m in MODELS for b in usable_backends() if HAS_CUDA or b == "
 
 def _model(name, seed=0):
     torch.manual_seed(seed)
-    m = getattr(torchvision.models, name)(num_classes=10)
-    with torch.no_grad():  # non-trivial BN parameters and running stats
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.2, 0.2)
-                mod.running_mean.uniform_(-0.1, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-    return m.to(DEVICE)
-
-
-def _train_steps(model, x, target, steps=2):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    outs = []
-    for _ in range(steps):
-        opt.zero_grad()
-        out = model(x)
-        nn.functional.cross_entropy(out.float(), target).backward()
-        outs.append(out.detach())
-        opt.step()
-    return outs, {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def _nrel(a, b):
-    """Norm-relative error of a against b."""
-    b = b.detach().double()
-    return ((a.detach().double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+    return randomize_batchnorms(getattr(torchvision.models, name)(num_classes=10)).to(DEVICE)
 
 
 def _fmt(layout):
@@ -73,15 +48,15 @@ def test_training_steps_match_stock_float64(name, backend, layout):
     stock = _model(name).double().to(memory_format=_fmt(layout))
     ours = resfused.convert(_model(name).double().to(memory_format=_fmt(layout)), backend=backend)
     assert not any(isinstance(m, (resnet.BasicBlock, resnet.Bottleneck)) for m in ours.modules())
-    (outs_s, grads_s), (outs_o, grads_o) = _train_steps(stock, x, target), _train_steps(ours, x, target)
+    (outs_s, grads_s), (outs_o, grads_o) = sgd_steps(stock, x, target), sgd_steps(ours, x, target)
     for step, (a, b) in enumerate(zip(outs_o, outs_s)):
-        assert _nrel(a, b) < 1e-6, f"output of step {step}"
+        assert nrel(a, b) < 1e-6, f"output of step {step}"
     for n, g in grads_o.items():
-        assert _nrel(g, grads_s[n]) < 1e-6, f"grad {n}"
+        assert nrel(g, grads_s[n]) < 1e-6, f"grad {n}"
     sd_stock = stock.state_dict()
     for k, v in ours.state_dict().items():
         if v.is_floating_point():
-            assert _nrel(v, sd_stock[k]) < 1e-6, k
+            assert nrel(v, sd_stock[k]) < 1e-6, k
         else:
             assert torch.equal(v, sd_stock[k]), k
 
@@ -104,19 +79,19 @@ def test_training_step_matches_stock_float32(name, backend, layout):
     ref = _model(name).double().to(memory_format=_fmt(layout))
     stock = _model(name).to(memory_format=_fmt(layout))
     ours = resfused.convert(_model(name).to(memory_format=_fmt(layout)), backend=backend)
-    runs = {k: _train_steps(m, x.to(dtype), target, steps=1)
+    runs = {k: sgd_steps(m, x.to(dtype), target, steps=1)
             for k, m, dtype in (("ref", ref, torch.float64), ("stock", stock, torch.float32),
                                 ("ours", ours, torch.float32))}
-    out_err, out_bound = _nrel(runs["ours"][0][0], runs["ref"][0][0]), _nrel(runs["stock"][0][0], runs["ref"][0][0])
+    out_err, out_bound = nrel(runs["ours"][0][0], runs["ref"][0][0]), nrel(runs["stock"][0][0], runs["ref"][0][0])
     assert out_err <= 2 * out_bound + 1e-5, f"output: {out_err:.2e} vs stock {out_bound:.2e}"
     if name == "resnet18":
         flat = {k: torch.cat([g.double().flatten() for _, g in sorted(r[1].items())]) for k, r in runs.items()}
-        err, bound = _nrel(flat["ours"], flat["ref"]), _nrel(flat["stock"], flat["ref"])
+        err, bound = nrel(flat["ours"], flat["ref"]), nrel(flat["stock"], flat["ref"])
         assert err <= 2 * bound + 1e-5, f"gradients: {err:.2e} vs stock {bound:.2e}"
     sd_ref, sd_stock = ref.state_dict(), stock.state_dict()
     for k, v in ours.state_dict().items():
         if "running" in k:
-            err, bound = _nrel(v, sd_ref[k]), _nrel(sd_stock[k], sd_ref[k])
+            err, bound = nrel(v, sd_ref[k]), nrel(sd_stock[k], sd_ref[k])
             assert err <= 2 * bound + 1e-5, f"{k}: {err:.2e} vs stock {bound:.2e}"
         elif not v.is_floating_point():
             assert torch.equal(v, sd_stock[k]), k

@@ -16,6 +16,7 @@ from torch import nn
 import resfused
 from resfused.nn import BatchNormAddReLU2d, TimmBasicBlock, TimmBottleneck
 
+from _oracle import nrel, randomize_batchnorms, sgd_steps
 from conftest import DEVICE, HAS_CUDA, usable_backends
 
 timm = pytest.importorskip("timm")
@@ -36,34 +37,7 @@ def _model(name, seed=0, **kw):
     torch.manual_seed(seed)
     if name in PREACT:
         kw.setdefault("zero_init_last", False)  # else conv3/conv2 start at zero and block BN grads vanish
-    m = timm.create_model(name, pretrained=False, num_classes=10, **kw)
-    with torch.no_grad():  # non-trivial BN parameters and running stats
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.2, 0.2)
-                mod.running_mean.uniform_(-0.1, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-    return m.to(DEVICE)
-
-
-def _train_steps(model, x, target, steps=2, seed=None):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    outs = []
-    if seed is not None:
-        torch.manual_seed(seed)
-    for _ in range(steps):
-        opt.zero_grad()
-        out = model(x)
-        nn.functional.cross_entropy(out.float(), target).backward()
-        outs.append(out.detach())
-        opt.step()
-    return outs, {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def _nrel(a, b):
-    b = b.detach().double()
-    return ((a.detach().double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+    return randomize_batchnorms(timm.create_model(name, pretrained=False, num_classes=10, **kw)).to(DEVICE)
 
 
 def _stock_blocks(model):
@@ -91,7 +65,7 @@ def _assert_state_close(ours, stock, tol):
     assert list(ours.state_dict()) == list(sd)
     for k, v in ours.state_dict().items():
         if v.is_floating_point():
-            assert _nrel(v, sd[k]) < tol, k
+            assert nrel(v, sd[k]) < tol, k
         else:
             assert torch.equal(v, sd[k]), k
 
@@ -108,11 +82,11 @@ def test_training_steps_match_stock_float64(name, backend):
     stock = _model(name).double()
     ours = resfused.convert(_model(name).double(), backend=backend)
     _assert_fully_converted(name, ours)
-    (outs_s, grads_s), (outs_o, grads_o) = _train_steps(stock, x, target), _train_steps(ours, x, target)
+    (outs_s, grads_s), (outs_o, grads_o) = sgd_steps(stock, x, target), sgd_steps(ours, x, target)
     for step, (a, b) in enumerate(zip(outs_o, outs_s)):
-        assert _nrel(a, b) < 1e-6, f"output of step {step}"
+        assert nrel(a, b) < 1e-6, f"output of step {step}"
     for n, g in grads_o.items():
-        assert _nrel(g, grads_s[n]) < 1e-6, f"grad {n}"
+        assert nrel(g, grads_s[n]) < 1e-6, f"grad {n}"
     _assert_state_close(ours, stock, 1e-6)
 
 
@@ -125,7 +99,7 @@ def test_eval_matches_stock(name):
     with torch.no_grad():
         # norm-relative: fp32 rounding differences grow through 50 layers (measured ~1e-6 here); a wrong
         # fusion gives O(1)
-        assert _nrel(ours(x), stock(x)) < 1e-5
+        assert nrel(ours(x), stock(x)) < 1e-5
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -254,8 +228,8 @@ def test_drop_path_model_trains_like_stock(backend, monkeypatch, caplog):
     stock = _model("resnet18", drop_path_rate=0.5).double()
     x = torch.randn(8, 3, 16, 16, device=DEVICE, dtype=torch.float64)
     target = torch.randint(0, 10, (8,), device=DEVICE)
-    (outs_s, grads_s), (outs_o, grads_o) = (_train_steps(stock, x, target, seed=3),
-                                            _train_steps(ours, x, target, seed=3))
+    (outs_s, grads_s), (outs_o, grads_o) = (sgd_steps(stock, x, target, seed=3),
+                                            sgd_steps(ours, x, target, seed=3))
     # 7 DropPath blocks x 2 steps, each drawing (8,) scales: 0 (dropped) or 1/keep_prob; some of each
     assert len(drawn) == 14
     for p, scale in drawn:
@@ -263,12 +237,12 @@ def test_drop_path_model_trains_like_stock(backend, monkeypatch, caplog):
     values = torch.cat([scale for _, scale in drawn])
     assert (values == 0).any() and (values > 0).any()
     for step, (a, b) in enumerate(zip(outs_o, outs_s)):
-        assert _nrel(a, b) < 1e-6, f"output of step {step}"
+        assert nrel(a, b) < 1e-6, f"output of step {step}"
     for n, g in grads_o.items():
-        assert _nrel(g, grads_s[n]) < 1e-6, f"grad {n}"
+        assert nrel(g, grads_s[n]) < 1e-6, f"grad {n}"
     _assert_state_close(ours, stock, 1e-6)
     with torch.no_grad():
-        assert _nrel(ours.eval()(x), stock.eval()(x)) < 1e-6
+        assert nrel(ours.eval()(x), stock.eval()(x)) < 1e-6
     assert len(drawn) == 14  # eval draws nothing
 
 
@@ -297,11 +271,11 @@ def test_drop_path_block_matches_stock(kind, scale_by_keep):
         results.append((y.detach(), xi.grad, {n: p.grad for n, p in model.named_parameters()},
                         [b.clone() for n, b in model.named_buffers() if "running" in n]))
     (ys, gxs, gps, bufs_s), (yo, gxo, gpo, bufs_o) = results
-    assert _nrel(yo, ys) < 1e-10 and _nrel(gxo, gxs) < 1e-10
+    assert nrel(yo, ys) < 1e-10 and nrel(gxo, gxs) < 1e-10
     for (n, g), g_s in zip(gpo.items(), gps.values()):
-        assert _nrel(g, g_s) < 1e-10, n
+        assert nrel(g, g_s) < 1e-10, n
     for b, b_s in zip(bufs_o, bufs_s):
-        assert _nrel(b, b_s) < 1e-12
+        assert nrel(b, b_s) < 1e-12
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnetv2_18"])
