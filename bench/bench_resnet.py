@@ -13,6 +13,8 @@ stock model, whether to torch.compile it and in which mode (inference compiles w
 torch._inductor.config.freezing set and restored around the compile and the timing), the resfused
 backend it asks for, and whether --quick runs it:
   eager, resfused (resfused.convert: fused BN + add + ReLU), compile, resfused-compile    train and infer
+  resfused-convbn-{triton,cuda}   resfused.convert(model, backend=..., fuse_convs=True)       train
+  resfused-convbn-compile         the same (triton) under torch.compile                       train
   resfused-fused-{cuda,triton,reference}   resfused.fuse_for_inference(model, backend=...)     infer
   compile (freezing, mode=default), compile-max-autotune (freezing, mode="max-autotune")      infer
 --quick leaves out the training compiles and compile-max-autotune (minutes of autotuning); its inference
@@ -51,6 +53,21 @@ def _convert(model: nn.Module) -> nn.Module:
 def _fuse(model: nn.Module, backend: str) -> nn.Module:
     import resfused
     return resfused.fuse_for_inference(model, backend=backend)
+
+
+def _convert_convs(model: nn.Module, backend: Optional[str]) -> nn.Module:
+    import resfused
+    return resfused.convert(model, backend=backend, fuse_convs=True)
+
+
+def _conv_bn_unavailable(backend: str) -> Callable[[torch.device], Optional[str]]:
+    def why(device: torch.device) -> Optional[str]:
+        if device.type != "cuda":
+            return ("CPU run: the fused-conv training path is timed on a GPU only (on CPU its reference backend is "
+                    "the test oracle and Triton runs in the interpreter)")
+        from resfused.ops import conv_bn
+        return conv_bn.unavailable_reason(backend, device, torch.bfloat16)
+    return why
 
 
 def _needs_gpu(device: torch.device) -> Optional[str]:
@@ -95,6 +112,12 @@ MODEL_IMPLS: list[ModelImpl] = [
     ModelImpl("resfused", "train", _convert),
     ModelImpl("compile", "train", _stock, compile=True, unavailable=_needs_gpu, in_quick=False),
     ModelImpl("resfused-compile", "train", _convert, compile=True, unavailable=_needs_gpu, in_quick=False),
+    ModelImpl("resfused-convbn-triton", "train", functools.partial(_convert_convs, backend="triton"),
+              backend="triton", unavailable=_conv_bn_unavailable("triton")),
+    ModelImpl("resfused-convbn-cuda", "train", functools.partial(_convert_convs, backend="cuda"), backend="cuda",
+              unavailable=_conv_bn_unavailable("cuda")),
+    ModelImpl("resfused-convbn-compile", "train", functools.partial(_convert_convs, backend="triton"),
+              backend="triton", compile=True, unavailable=_conv_bn_unavailable("triton"), in_quick=False),
     ModelImpl("eager", "infer", _stock),
     ModelImpl("resfused", "infer", _convert),
     ModelImpl("resfused-fused-cuda", "infer", functools.partial(_fuse, backend="cuda"), backend="cuda",

@@ -454,7 +454,9 @@ def test_model_registry_and_quick_selection():
     names = {(i.name, i.mode) for i in mb.MODEL_IMPLS}
     assert {("eager", "train"), ("resfused", "train"), ("compile", "train"), ("resfused-compile", "train"),
             ("eager", "infer"), ("resfused", "infer"), ("compile", "infer"), ("compile-max-autotune", "infer"),
-            ("resfused-fused-cuda", "infer"), ("resfused-fused-triton", "infer")} <= names
+            ("resfused-fused-cuda", "infer"), ("resfused-fused-triton", "infer"),
+            ("resfused-convbn-triton", "train"), ("resfused-convbn-cuda", "train"),
+            ("resfused-convbn-compile", "train")} <= names
     by_name = {(i.name, i.mode): i for i in mb.MODEL_IMPLS}
     assert by_name[("compile-max-autotune", "infer")].compile_label == "inductor, freezing, mode=max-autotune"
     assert by_name[("compile", "infer")].compile_label == "inductor, freezing, mode=default"
@@ -462,11 +464,15 @@ def test_model_registry_and_quick_selection():
     for backend in ("cuda", "triton"):
         fused = by_name[(f"resfused-fused-{backend}", "infer")]
         assert fused.backend == backend and fused.cast_params and not fused.compile
+        convbn = by_name[(f"resfused-convbn-{backend}", "train")]
+        assert convbn.backend == backend and not convbn.cast_params and not convbn.compile
+    assert by_name[("resfused-convbn-compile", "train")].compile
     chosen, left_out = mb.select_impls(None, ("train", "infer"), quick=True)
     # --quick: no training compiles and no max-autotune; the one compile it keeps is the default-mode inference one
     assert [(i.name, i.mode, i.compile_mode) for i in chosen if i.compile] == [("compile", "infer", None)]
     assert {("resfused-fused-cuda", "infer"), ("resfused-fused-triton", "infer")} <= {(i.name, i.mode) for i in chosen}
     assert {(i.name, i.mode) for i, _ in left_out} == {("compile", "train"), ("resfused-compile", "train"),
+                                                       ("resfused-convbn-compile", "train"),
                                                        ("compile-max-autotune", "infer")}
     reason = next(r for i, r in left_out if i.name == "compile-max-autotune")
     assert "max-autotune" in reason and "mode=default" in reason
@@ -837,3 +843,14 @@ def test_pytest_benchmark_target_runs_on_cpu(suite, one_thread):
     assert n_sets >= 1
     for _ in range(n_sets + 1):
         target()
+
+
+def test_convbn_rows_convert_with_fused_convs():
+    """The resfused-convbn rows time convert(fuse_convs=True) blocks with their backend, and are skipped on CPU."""
+    from resfused.nn import ConvBNBottleneck
+    import torchvision
+    model = mb._convert_convs(torchvision.models.resnet50(), backend="reference")
+    blocks = [m for m in model.modules() if isinstance(m, ConvBNBottleneck)]
+    assert len(blocks) == 16 and all(b.backend == "reference" for b in blocks)
+    why = mb._conv_bn_unavailable("triton")(torch.device("cpu"))
+    assert why is not None and "GPU" in why
