@@ -36,8 +36,8 @@ def _give_up(msg: str):
     return [], {}
 
 
-def _wheel_cuda_includes() -> list:
-    """Include dirs of the nvidia-* wheels torch depends on (ATen's CUDA headers need cusparse.h etc.)."""
+def _wheel_dirs(sub: str, marker: str) -> list:
+    """``nvidia/*/<sub>`` folders of the nvidia-* wheels torch depends on that hold ``marker``."""
     import importlib.util
 
     spec = importlib.util.find_spec("nvidia")
@@ -45,10 +45,23 @@ def _wheel_cuda_includes() -> list:
         return []
     found = []
     for base in spec.submodule_search_locations:
-        for inc in sorted(glob.glob(os.path.join(base, "*", "include"))):
-            if os.path.exists(os.path.join(inc, "cusparse.h")):
-                found.append(inc)
+        for d in sorted(glob.glob(os.path.join(base, "*", sub))):
+            if os.path.exists(os.path.join(d, marker)):
+                found.append(d)
     return found
+
+
+def _wheel_cuda_includes() -> list:
+    """Include dirs from the nvidia-* wheels: ATen's CUDA headers need cusparse.h, csrc/conv_bn.cpp cudnn.h."""
+    return _wheel_dirs("include", "cusparse.h") + _wheel_dirs("include", "cudnn.h")
+
+
+def _cudnn_link_args() -> list:
+    """Link libcudnn.so.9 (csrc/conv_bn.cpp calls cuDNN's graph API): the wheel's, else the toolkit's. At run
+    time torch has loaded it already (libtorch_cuda needs it), so the soname resolves to torch's copy."""
+    for lib in _wheel_dirs("lib", "libcudnn.so.9"):
+        return [f"-L{lib}", "-l:libcudnn.so.9"]
+    return ["-lcudnn"]
 
 
 def _default_max_jobs() -> int:
@@ -99,6 +112,7 @@ def _cuda_extension():
             "cxx": ["-O3", "-std=c++20"],
             "nvcc": ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"],
         },
+        extra_link_args=_cudnn_link_args(),
     )
     return [ext], {"build_ext": Build.with_options(use_ninja=True)}
 

@@ -132,6 +132,21 @@ def unavailable_reason(name: str, device: Optional[torch.device] = None, dtype: 
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 
+def cuda_op_missing(qualified_name: str, source: str) -> Optional[str]:
+    """None when resfused._C loads and registers a CUDA kernel for ``qualified_name`` ("namespace::op"), else
+    why not (``source``: the csrc file that defines it). Callers wrap it in a zero-argument function marked
+    torch.compiler.assume_constant_result, so compiled code does not query the dispatcher."""
+    err = _cuda_ext_error()
+    if err:
+        return err
+    try:
+        if torch._C._dispatch_has_kernel_for_dispatch_key(qualified_name, "CUDA"):
+            return None
+    except RuntimeError:  # the op is not registered at all
+        pass
+    return f"resfused._C was built without {source}; rebuild the extension"
+
+
 def available_backends() -> list[str]:
     """Backends usable on this machine (for some device), fastest first."""
     return [b for b in ("cuda", "triton", "reference") if unavailable_reason(b) is None]

@@ -38,15 +38,7 @@ _CUDA_NAMESPACE = "resfused_cuda_conv"
 @torch.compiler.assume_constant_result  # fixed once _C is loaded; keeps dispatcher queries out of traces
 def cuda_op_reason() -> Optional[str]:
     """None when resfused._C carries the CUDA conv_bias_act op, else why not."""
-    err = _backend._cuda_ext_error()
-    if err:
-        return err
-    try:
-        if torch._C._dispatch_has_kernel_for_dispatch_key(f"{_CUDA_NAMESPACE}::conv_bias_act", "CUDA"):
-            return None
-    except RuntimeError:  # the op is not registered at all
-        pass
-    return "resfused._C was built without csrc/conv_bias_act.cu; rebuild the extension"
+    return _backend.cuda_op_missing(f"{_CUDA_NAMESPACE}::conv_bias_act", "csrc/conv_bias_act.cu")
 
 
 def _backend_fn(name: str):

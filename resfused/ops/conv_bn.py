@@ -27,7 +27,11 @@ Backends:
              recomputing the prologue from x, dReLU + dBN partial sums in the dgrad epilogue, an elementwise
              input-gradient kernel) and the tail (one elementwise kernel writing out + packed mask; backward:
              a reduction kernel and an elementwise kernel).
-  cuda       not implemented (no CUDA C++ for this op yet); naming it raises, ``auto`` skips it.
+  cuda       resfused/ops/conv_bn_cuda.py over csrc/conv_bn.cpp: cuDNN graph-API convs with the BN + ReLU
+             prologue fused into the mainloop and the statistics (sum, sum of squares) into the epilogue, the
+             prologue recomputed inside cuDNN's wgrad; cuDNN dgrad followed by dReLU + dBN as ATen ops; the tail on
+             the foundation's CUDA BN + add + ReLU kernels. An unfused path (one warning) where cuDNN has no
+             fused engine.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ def _backend_impl(name: str):
         return _reference
     if name == "triton":
         return importlib.import_module("resfused.triton_kernels.conv_bn")
+    if name == "cuda":
+        return importlib.import_module("resfused.ops.conv_bn_cuda")
     raise ValueError(f"resfused backend {name!r} has no conv_bn implementation")
 
 
@@ -252,13 +258,19 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> O
             why = "the triton conv_bn supports fp32/fp16/bf16, not float64"
         return why
     if name == "cuda":
-        return "conv_bn has no CUDA C++ implementation yet"
+        return _backend.unavailable_reason("cuda", device, dtype) or cuda_op_reason()
     raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {name!r}")
+
+
+@torch.compiler.assume_constant_result  # fixed once _C is loaded; keeps dispatcher queries out of traces
+def cuda_op_reason() -> Optional[str]:
+    """None when resfused._C carries the CUDA C++ conv_bn ops, else why not."""
+    return _backend.cuda_op_missing("resfused_cuda_conv_bn::conv_bn_forward", "csrc/conv_bn.cpp")
 
 
 def resolve(backend: Optional[str], x: Tensor) -> str:
     """The concrete backend for the conv_bn ops on ``x`` (rules of resfused._backend.resolve_with): ``auto``
-    picks triton for CUDA tensors (the cuda backend has no conv_bn) and reference otherwise."""
+    picks cuda > triton for CUDA tensors and reference otherwise."""
     return _backend.resolve_with(unavailable_reason, backend, x, "conv_bn")
 
 
@@ -308,7 +320,7 @@ def conv_bn(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, groups: 
         stats: compute y's batch statistics (fp32; fp64 for fp64) and, when running_mean/running_var are
             given, update them in place as nn.BatchNorm2d(momentum=momentum) does (unbiased variance).
         eps: the BN epsilon of the statistics' invstd.
-        backend: "auto", "triton", "reference" (the "cuda" backend has no conv_bn yet), or None.
+        backend: "auto", "cuda", "triton", "reference", or None for resfused.get_backend().
 
     Returns:
         (y, mean, invstd): y (N, C_out, Ho, Wo) in x's dtype and memory format; mean and invstd (C_out,) in
