@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 
 import pytest
 import torch
@@ -285,6 +286,97 @@ def test_statistics_are_deterministic(backend, small_tiles):
         assert torch.equal(u, v)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")
+def test_two_level_statistics_merge(monkeypatch, small_tiles):
+    """More row tiles than _STATS_CHUNK (here 4 tiles in chunks of 3, the last one partial): the two-level merge
+    gives the statistics and running stats of the single-level one, up to fp32 rounding, and y unchanged."""
+    tk = importlib.import_module("resfused.triton_kernels.conv_bn")
+    x, weight, pro, rm, rv, (s, p, g) = _conv_inputs("3x3_s1", torch.float32, "cl")
+    if tk._INTERPRET:
+        assert x.shape[0] * x.shape[2] * x.shape[3] == 50  # 4 row tiles of 16 rows
+    runs = []
+    for chunk in (1 << 30, 3):
+        monkeypatch.setattr(tk, "_STATS_CHUNK", chunk)
+        rm_c, rv_c = rm.clone(), rv.clone()
+        y, mean, invstd = op.conv_bn(x, weight, s, p, 1, g, prologue=pro, stats=True, running_mean=rm_c,
+                                     running_var=rv_c, backend="triton")
+        runs.append((y, mean, invstd, rm_c, rv_c))
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1:], runs[1][1:]):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
+    ref = _stock_forward(x, weight, pro, rm.clone(), rv.clone(), (s, p, g), torch.float64)
+    for out, r in zip(runs[1][1:], ref[1:]):
+        torch.testing.assert_close(out.double(), r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")
+@pytest.mark.parametrize("case,layout", [("3x3_s1", "cl"), ("1x1_s2", "nchw")])
+def test_wgrad_split_k(monkeypatch, small_tiles, case, layout):
+    """wgrad split over the rows (fp32 partials summed in order) gives the unsplit gradient to fp32 rounding,
+    within twice stock float32's error, and the same bits on a rerun."""
+    tk = importlib.import_module("resfused.triton_kernels.conv_bn")
+    x, weight, pro, _, _, (s, p, g) = _conv_inputs(case, torch.float32, layout)
+    gy = None
+    grads = []
+    for target in (1, 1 << 20, 1 << 20):
+        monkeypatch.setattr(tk, "_WGRAD_TARGET_PROGRAMS", target)
+        monkeypatch.setattr(tk, "_WGRAD_MIN_ITERS", 1)
+        y, _, _ = op.conv_bn(x, weight, s, p, 1, g, prologue=pro, backend="triton")
+        if gy is None:
+            gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        args = (gy.contiguous(memory_format=LAYOUTS[layout]), x, weight, *pro[:4], [s, s], [p, p], [1, 1], g, True,
+                False, False, True, False)
+        grads.append(tk.backward(*args)[1])
+    m = gy.shape[0] * gy.shape[2] * gy.shape[3]
+    block_m = tk._BWD["BLOCK_M"]
+    assert tk._wgrad_rows_per_split(m, 1, block_m, x.device) < m or not tk._INTERPRET  # several splits ran
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(grads[1], grads[2])
+    ref = _stock_grads(x, weight, pro, gy, (s, p, g), "eval", torch.float64)[1]
+    stock = _stock_grads(x, weight, pro, gy, (s, p, g), "eval", torch.float32)[1]
+    err, tol = max_err(grads[1], ref), tolerance(torch.float32, ref, stock)
+    assert err <= tol, f"{err:.3e} > {tol:.3e}"
+
+
+_GPU_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import resfused.triton_kernels.conv_bn as k
+
+wgrad = dict(STRIDE_H=1, STRIDE_W=1, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, KH=3, KW=3, PROLOGUE=True,
+             INPUT_PRECISION="ieee", DOT_IN_FP32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+for fn, consts, floats in ((k._bn_stats_merge_kernel, dict(CHUNK=64, BLOCK_C=128), set()),
+                           (k._bn_stats_finalize_kernel, dict(UPDATE_RUNNING=True, BLOCK_C=128), {"momentum", "eps"}),
+                           (k._conv_bn_wgrad_kernel, wgrad, set())):
+    names = fn.arg_names
+    constexpr = {n for n, p in zip(names, fn.params) if p.is_constexpr}
+    ptr = {"x_ptr": "*bf16", "dy_ptr": "*bf16"}
+    sig = {n: "constexpr" if n in constexpr else (ptr.get(n, "*fp32") if n.endswith("_ptr")
+                                                  else ("fp32" if n in floats else "i32")) for n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    print(fn.__name__, "ok", len(compiled.asm["ptx"]))
+"""
+
+
+def test_statistics_and_wgrad_kernels_compile_for_gpu():
+    """The two-level statistics merge, the finalize and the split-K wgrad lower to PTX for sm_90 without a GPU
+    (in a subprocess without TRITON_INTERPRET): what the interpreter cannot check (dynamic loop bounds, the
+    per-chunk count store, the dot's shapes)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _GPU_COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
+        pytest.skip(f"no ptxas for Triton's NVIDIA backend: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(" ok ") == 3
+
+
 def _batch_params(t, w, b):
     with torch.no_grad():
         var, mean = torch.var_mean(t, dim=(0, 2, 3), unbiased=False)
@@ -470,6 +562,20 @@ FP32_BLOCK_CASES = [(label, layout) for label in ("basic_s2_ds", "bottleneck_s1"
 def test_block_two_sgd_steps_float32(backend, label, layout):
     """float32 against stock float64: every output (incl. eval after training), gradient, parameter and running
     stat within twice stock float32's error."""
+    _two_steps_against_stock(backend, label, layout)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("label", ["basic_s2_ds", "bottleneck_s2_ds"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_block_two_sgd_steps_autocast(backend, label, dtype):
+    """float32 parameters under autocast(fp16/bf16), channels_last, against stock float64: within twice the error
+    of stock under the same autocast."""
+    _two_steps_against_stock(backend, label, "cl", dtype)
+
+
+def _two_steps_against_stock(backend, label, layout, autocast_dtype=None):
     inplanes = BLOCKS[label][1]
     fmt = LAYOUTS[layout]
     x = _input(4, inplanes, 8, 8).contiguous(memory_format=fmt)
@@ -478,7 +584,9 @@ def test_block_two_sgd_steps_float32(backend, label, layout):
         model = _block(label).to(dtype=dtype, memory_format=fmt)
         if key == "ours":
             model = resfused.convert(model, backend=backend, fuse_convs=True)
-        runs[key] = (*_train(model, x.to(dtype), _block_loss), model.state_dict())
+        cast = autocast_dtype is not None and key != "ref"
+        with torch.autocast(DEVICE.type, dtype=autocast_dtype or torch.bfloat16, enabled=cast):
+            runs[key] = (*_train(model, x.to(dtype), _block_loss), model.state_dict())
     for i in range(3):
         assert runs["ours"][0][i].is_contiguous(memory_format=fmt)
         _check_2x_stock(f"output {i}", runs["ours"][0][i], runs["ref"][0][i], runs["stock"][0][i])

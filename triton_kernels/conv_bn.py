@@ -16,12 +16,14 @@ Statistics: each program writes its tile's (mean, M2) per output channel into a 
 the tile's row count into a (T,) buffer (T = number of row tiles); ``_bn_stats_finalize_kernel`` merges the T
 partials per channel in tile order with Chan's formula (centred; no E[x^2] - E[x]^2, no atomics, so the
 result is deterministic), writes mean and invstd and updates running_mean / running_var as nn.BatchNorm2d
-does (unbiased variance). The finalize loops over the T tiles sequentially per channel block: fine for
-small T; a two-level merge would be the fix for very large N*H*W.
+does (unbiased variance). Beyond _STATS_CHUNK tiles the merge takes two levels: ``_bn_stats_merge_kernel``
+merges each run of _STATS_CHUNK tiles in parallel (one program per run and channel block), and the finalize
+merges those, so no program walks more than max(_STATS_CHUNK, T / _STATS_CHUNK) partials.
 
 Backward (three kernels and a tiny sum):
   * wgrad: dw = dy^T @ a with a regathered from x and the prologue recomputed per tile (a is never stored);
-    each program owns a dw tile and loops over all rows (no split-K: deterministic, slow for large N*H*W).
+    each program owns a dw tile over one split of the rows (split-K: about 4 programs per SM, at least
+    _WGRAD_MIN_ITERS row tiles per split), the fp32 split partials summed in order (deterministic).
   * dgrad: grad_a = dy (*) w^T as an implicit GEMM over input pixels (stride handled by divisibility masks);
     with a prologue its epilogue reloads x, recomputes z = bn(x), applies dReLU (gz = grad_a where z > 0),
     writes gz in fp32 and per-tile partial sums of gz and gz * xhat (the dBN reductions; no atomics);
@@ -160,19 +162,15 @@ def _conv_bn_fwd_kernel(
 
 
 @triton.jit
-def _bn_stats_finalize_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr,
-                              T, C, momentum, eps,
-                              UPDATE_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Chan-merge T (count, mean, M2) partials per channel in tile order; mean, invstd, running-stats update."""
-    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = rc < C
+def _chan_merge(pmean_ptr, pm2_ptr, pcnt_ptr, t0, t1, rc, c_ok, C, BLOCK_C: tl.constexpr):
+    """(count, mean, M2) per channel of partials t0..t1-1 merged in order with Chan's formula (centred)."""
     n = tl.zeros((BLOCK_C,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t in range(0, T):
+    for t in range(t0, t1):
         nb = tl.load(pcnt_ptr + t)
         off = t * C + rc
-        # Tiles with count 0 (past the chosen config's grid; their partials are never written) change nothing.
+        # Partials with count 0 (past the chosen config's grid; never written) change nothing.
         used = nb > 0
         mb = tl.where(used, tl.load(pmean_ptr + off, mask=c_ok, other=0.0), mean)
         m2b = tl.where(used, tl.load(pm2_ptr + off, mask=c_ok, other=0.0), 0.0)
@@ -182,6 +180,32 @@ def _bn_stats_finalize_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, mean_ptr, invstd_ptr
         mean = mean + delta * frac
         m2 = m2 + m2b + delta * delta * n * frac
         n = n_ab
+    return n, mean, m2
+
+
+@triton.jit
+def _bn_stats_merge_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, omean_ptr, om2_ptr, ocnt_ptr, T, C,
+                           CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """First level of the merge: partials [chunk * CHUNK, (chunk + 1) * CHUNK) -> one (count, mean, M2) each."""
+    chunk = tl.program_id(0)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    t0 = chunk * CHUNK
+    n, mean, m2 = _chan_merge(pmean_ptr, pm2_ptr, pcnt_ptr, t0, tl.minimum(t0 + CHUNK, T), rc, c_ok, C, BLOCK_C)
+    tl.store(omean_ptr + chunk * C + rc, mean, mask=c_ok)
+    tl.store(om2_ptr + chunk * C + rc, m2, mask=c_ok)
+    if tl.program_id(1) == 0:
+        tl.store(ocnt_ptr + chunk, tl.max(n, axis=0))  # the same for every channel
+
+
+@triton.jit
+def _bn_stats_finalize_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr,
+                              T, C, momentum, eps,
+                              UPDATE_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chan-merge T (count, mean, M2) partials per channel in order; mean, invstd, running-stats update."""
+    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    n, mean, m2 = _chan_merge(pmean_ptr, pm2_ptr, pcnt_ptr, 0, T, rc, c_ok, C, BLOCK_C)
     var = m2 / n
     tl.store(mean_ptr + rc, mean, mask=c_ok)
     tl.store(invstd_ptr + rc, 1.0 / tl.math.sqrt_rn(var + eps), mask=c_ok)  # tl.sqrt is approximate on GPUs
@@ -213,6 +237,26 @@ else:
     _MIN_BLOCK_M = None
 
 _FINALIZE_BLOCK_C = 128
+# Row-tile partials merged per first-level program; more than this many tiles take the two-level merge
+# (ResNet-50's layer1 at batch 256 has 6272 tiles of 128 rows: 98 chunks, then one pass over those).
+_STATS_CHUNK = 64
+
+
+def _finalize_stats(pmean, pm2, pcnt, mean, invstd, running_mean, running_var, momentum, eps):
+    """Merge the (T, C) partials (two levels when T > _STATS_CHUNK) into mean/invstd and the running stats."""
+    tiles, c_out = pmean.shape
+    if tiles > _STATS_CHUNK:
+        chunks = triton.cdiv(tiles, _STATS_CHUNK)
+        cmean = torch.empty((chunks, c_out), dtype=pmean.dtype, device=pmean.device)
+        cm2 = torch.empty_like(cmean)
+        ccnt = torch.empty((chunks,), dtype=pcnt.dtype, device=pcnt.device)
+        _bn_stats_merge_kernel[(chunks, triton.cdiv(c_out, _FINALIZE_BLOCK_C))](
+            pmean, pm2, pcnt, cmean, cm2, ccnt, tiles, c_out, CHUNK=_STATS_CHUNK, BLOCK_C=_FINALIZE_BLOCK_C)
+        pmean, pm2, pcnt, tiles = cmean, cm2, ccnt, chunks
+    update = running_mean is not None
+    _bn_stats_finalize_kernel[(triton.cdiv(c_out, _FINALIZE_BLOCK_C),)](
+        pmean, pm2, pcnt, mean, invstd, running_mean if update else mean, running_var if update else mean,
+        tiles, c_out, float(momentum), float(eps), UPDATE_RUNNING=update, BLOCK_C=_FINALIZE_BLOCK_C)
 
 
 def forward(x: Tensor, weight: Tensor, in_mean: Optional[Tensor], in_invstd: Optional[Tensor],
@@ -266,10 +310,7 @@ def forward(x: Tensor, weight: Tensor, in_mean: Optional[Tensor], in_invstd: Opt
         DOT_IN_FP32=_INTERPRET and x.dtype == torch.bfloat16,
         **_FIXED)
     if stats:
-        update = running_mean is not None
-        _bn_stats_finalize_kernel[(triton.cdiv(c_out, _FINALIZE_BLOCK_C),)](
-            pmean, pm2, pcnt, mean, invstd, running_mean if update else mean, running_var if update else mean,
-            tiles, c_out, float(momentum), float(eps), UPDATE_RUNNING=update, BLOCK_C=_FINALIZE_BLOCK_C)
+        _finalize_stats(pmean, pm2, pcnt, mean, invstd, running_mean, running_var, momentum, eps)
     return y, mean, invstd
 
 
@@ -280,17 +321,19 @@ def forward(x: Tensor, weight: Tensor, in_mean: Optional[Tensor], in_invstd: Opt
 @triton.jit
 def _conv_bn_wgrad_kernel(
         x_ptr, dy_ptr, mean_ptr, scale_ptr, shift_ptr, dw_ptr,
-        M, H, W, C_IN_G, HO, WO, C_OUT_G,
+        M, H, W, C_IN_G, HO, WO, C_OUT_G, ROWS_PER_SPLIT,
         sxn, sxc, sxh, sxw,
         sdn, sdc, sdh, sdw,
-        swo, swi, swh, sww,
+        swo, swi, swh, sww, sws,
         STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
         DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
         PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dw[co, (tap, c)] = sum_m dy[m, co] * a[m, (tap, c)], a = relu(bn(x)) regathered and recomputed per tile.
 
-    Each program owns one (BLOCK_N x BLOCK_K) tile of dw and loops over all M rows: no split-K, deterministic.
+    Each program owns one (BLOCK_N x BLOCK_K) tile of dw over rows [split * ROWS_PER_SPLIT, ...) (split =
+    program_id(2)) and writes it at dw_ptr + split * sws: with one split straight into dw, with several into an
+    fp32 (splits, ...) buffer the launcher sums in a fixed order (deterministic, no atomics).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -310,9 +353,12 @@ def _conv_bn_wgrad_kernel(
     c_base = grp * C_IN_G
     hw_o = HO * WO
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    split = tl.program_id(2)
+    m_start = split * ROWS_PER_SPLIT
+    m_end = tl.minimum(m_start + ROWS_PER_SPLIT, M)
+    for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
-        m_ok = rm < M
+        m_ok = rm < m_end
         img64 = (rm // hw_o).to(tl.int64)
         pix = rm % hw_o
         oh = pix // WO
@@ -326,8 +372,24 @@ def _conv_bn_wgrad_kernel(
         g = tl.load(dy_ptr + (img64 * sdn + oh * sdh + ow * sdw)[:, None] + (co * sdc)[None, :],
                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _mma(tl.trans(g), a, acc, INPUT_PRECISION, DOT_IN_FP32)
-    dw_ptrs = dw_ptr + (co * swo)[:, None] + (c * swi + kh * swh + kw * sww)[None, :]
+    dw_ptrs = dw_ptr + split.to(tl.int64) * sws + (co * swo)[:, None] + (c * swi + kh * swh + kw * sww)[None, :]
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+# Split-K of wgrad: aim at this many programs (None: 4 per SM on a GPU, 1 in the interpreter), each split
+# looping over at least _WGRAD_MIN_ITERS row tiles.
+_WGRAD_TARGET_PROGRAMS: Optional[int] = None
+_WGRAD_MIN_ITERS = 8
+
+
+def _wgrad_rows_per_split(m: int, tile_programs: int, block_m: int, device: torch.device) -> int:
+    """Rows per split (a multiple of block_m) for m rows and tile_programs dw tiles."""
+    target = _WGRAD_TARGET_PROGRAMS
+    if target is None:
+        target = 1 if _INTERPRET else 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    iters = triton.cdiv(m, block_m)
+    splits = max(1, min(target // max(tile_programs, 1), iters // max(_WGRAD_MIN_ITERS, 1)))
+    return triton.cdiv(iters, splits) * block_m
 
 
 @triton.jit
@@ -476,12 +538,19 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, in_mean: Optional[Tensor
         if m == 0:
             grad_weight.zero_()
         else:
-            grid = (groups * triton.cdiv(c_out_g, cfg["BLOCK_N"]), triton.cdiv(c_in_g * kh * kw, cfg["BLOCK_K"]))
-            _conv_bn_wgrad_kernel[grid](
-                x, grad_y, pro_mean, pro_scale, pro_shift, grad_weight,
-                m, h, w, c_in_g, ho, wo, c_out_g,
-                *x.stride(), *grad_y.stride(), *grad_weight.stride(),
+            tiles = (groups * triton.cdiv(c_out_g, cfg["BLOCK_N"]), triton.cdiv(c_in_g * kh * kw, cfg["BLOCK_K"]))
+            rows = _wgrad_rows_per_split(m, tiles[0] * tiles[1], cfg["BLOCK_M"], dev)
+            splits = triton.cdiv(m, rows)
+            # Several splits write fp32 partials, summed below in split order (torch.sum: deterministic).
+            dw = grad_weight if splits == 1 else torch.empty((splits, *weight.shape), dtype=st, device=dev)
+            dw_strides = (*grad_weight.stride(), 0) if splits == 1 else (*dw.stride()[1:], dw.stride(0))
+            _conv_bn_wgrad_kernel[(*tiles, splits)](
+                x, grad_y, pro_mean, pro_scale, pro_shift, dw,
+                m, h, w, c_in_g, ho, wo, c_out_g, rows,
+                *x.stride(), *grad_y.stride(), *dw_strides,
                 **geometry, PROLOGUE=bool(prologue), INPUT_PRECISION=prec, DOT_IN_FP32=dot_fp32, **cfg)
+            if splits > 1:
+                grad_weight.copy_(dw.sum(dim=0))
     grad_x = torch.empty((0,), dtype=x.dtype, device=dev)
     grad_in_w = torch.empty((0,), dtype=st, device=dev)
     grad_in_b = torch.empty((0,), dtype=st, device=dev)
