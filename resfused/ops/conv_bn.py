@@ -29,8 +29,8 @@ Backends:
              a reduction kernel and an elementwise kernel).
   cuda       resfused/ops/conv_bn_cuda.py over csrc/conv_bn.cpp: cuDNN graph-API convs with the BN + ReLU
              prologue fused into the mainloop and the statistics (sum, sum of squares) into the epilogue, the
-             prologue recomputed inside cuDNN's wgrad; cuDNN dgrad followed by dReLU + dBN as ATen ops; the tail on
-             the foundation's CUDA BN + add + ReLU kernels. An unfused path (one warning) where cuDNN has no
+             prologue recomputed inside cuDNN's wgrad; cuDNN dgrad followed by dReLU + dBN on the foundation's
+             CUDA BN + add + ReLU kernels, which also run the tail. An unfused path (one warning) where cuDNN has no
              fused engine.
 """
 

@@ -7,9 +7,11 @@ Composes the CUDA C++ ops of resfused._C:
                  (invstd, running statistics) is a few (C,) vector ops here.
   backward       wgrad: torch.ops.resfused_cuda_conv_bn.conv_bn_wgrad, the same prologue recomputed inside
                  cuDNN's wgrad (scale-bias-ReLU wgrad fusion), so the activation is not materialized; dgrad:
-                 cuDNN's (aten.convolution_backward) followed by the prologue's dReLU + dBN as ATen ops (the
-                 reference code, resfused.reference.conv_bn.prologue_backward): not fused into the dgrad epilogue
-                 on this backend (the Triton backend fuses them).
+                 cuDNN's (aten.convolution_backward), then the prologue's dReLU + dBN on the foundation's kernels
+                 (bn_add_relu_forward_eval recomputes the packed ReLU mask, bn_add_relu_backward applies it and
+                 the BN backward): not fused into the dgrad epilogue on this backend (the Triton backend fuses
+                 the dReLU and the dBN sums there). Passes after dgrad: read x, write a (dropped) and the mask;
+                 then the BN backward's (two-pass: read grad_a, x, mask twice, write grad_x).
   tail           torch.ops.resfused_cuda.bn_add_relu_forward_eval / bn_add_relu_backward (csrc/bn_add_relu.cu),
                  the foundation's fused BN + add + ReLU kernels given the statistics as (mean, 1/invstd^2, eps=0);
                  with a projection shortcut its BN is applied by a first forward_eval pass (no ReLU), and its
@@ -97,12 +99,17 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, in_mean: Optional[Tensor
     # dgrad only needs x's shape; the weight in x's format is what cuDNN's NHWC dgrad reads fastest.
     grad_a = torch.ops.aten.convolution_backward(grad_y, x, _in_format(weight, x), None, list(stride), list(padding),
                                                  list(dilation), False, [0, 0], groups, [True, False, False])[0]
+    grad_a = _in_format(grad_a, x)
     if not prologue:
-        return _in_format(grad_a, x), grad_weight, grad_in_w, grad_in_b
-    # The ReLU mask as the fused convs computed it: x * scale + shift in fp32.
-    positive = x.to(scale.dtype) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1) > 0
-    grad_x, grad_in_w, grad_in_b = _reference.prologue_backward(grad_a, x, in_mean, in_invstd, in_weight, positive,
-                                                                in_training, need_input_grad, need_in_affine_grad)
+        return grad_a, grad_weight, grad_in_w, grad_in_b
+    # dReLU + dBN of the prologue on the BN + add + ReLU kernels: forward_eval recomputes relu(bn(x)) for its
+    # packed ReLU mask (the activation it also writes is dropped), backward is the BN backward with that mask.
+    ops = _bn_ops()
+    _, mask = ops.bn_add_relu_forward_eval(x, None, in_weight, in_bias, in_mean, _as_var(in_invstd), 0.0, True, True)
+    grad_x, _, gw, gb = ops.bn_add_relu_backward(grad_a, x, mask, in_mean, in_invstd, in_weight, True, in_training,
+                                                 need_input_grad, False, need_in_affine_grad)
+    if need_in_affine_grad:
+        grad_in_w, grad_in_b = gw, gb
     return grad_x, grad_weight, grad_in_w, grad_in_b
 
 
