@@ -154,19 +154,10 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, in_mean: Optional[Tensor
                                         groups)
     if not prologue:
         return torch.empty_like(x).copy_(grad_a), grad_weight, grad_in_w, grad_in_b
-    grad_x, grad_in_w, grad_in_b = prologue_backward(grad_a, x, in_mean, in_invstd, in_weight, positive, in_training,
-                                                     need_input_grad, need_in_affine_grad)
-    return grad_x, grad_weight, grad_in_w, grad_in_b
-
-
-def prologue_backward(grad_a: Tensor, x: Tensor, in_mean: Tensor, in_invstd: Tensor, in_weight: Tensor,
-                      positive: Tensor, in_training: bool, need_input_grad: bool, need_in_affine_grad: bool):
-    """dReLU and dBN of the prologue, given dL/da (a = relu(bn(x)), ``positive`` its ReLU mask).
-
-    Returns (grad_x, grad_in_weight, grad_in_bias), as bn_backward."""
-    st = in_mean.dtype
     gz = torch.where(positive, grad_a.to(st), torch.zeros((), dtype=st, device=x.device))
-    return bn_backward(gz, x, in_mean, in_invstd, in_weight, in_training, need_input_grad, need_in_affine_grad)
+    grad_x, grad_in_w, grad_in_b = bn_backward(gz, x, in_mean, in_invstd, in_weight, in_training, need_input_grad,
+                                               need_in_affine_grad)
+    return grad_x, grad_weight, grad_in_w, grad_in_b
 
 
 def tail_forward(y: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
