@@ -112,12 +112,6 @@ MODEL_IMPLS: list[ModelImpl] = [
     ModelImpl("resfused", "train", _convert),
     ModelImpl("compile", "train", _stock, compile=True, unavailable=_needs_gpu, in_quick=False),
     ModelImpl("resfused-compile", "train", _convert, compile=True, unavailable=_needs_gpu, in_quick=False),
-    ModelImpl("resfused-convbn-triton", "train", functools.partial(_convert_convs, backend="triton"),
-              backend="triton", unavailable=_conv_bn_unavailable("triton")),
-    ModelImpl("resfused-convbn-cuda", "train", functools.partial(_convert_convs, backend="cuda"), backend="cuda",
-              unavailable=_conv_bn_unavailable("cuda")),
-    ModelImpl("resfused-convbn-compile", "train", functools.partial(_convert_convs, backend="triton"),
-              backend="triton", compile=True, unavailable=_conv_bn_unavailable("triton"), in_quick=False),
     ModelImpl("eager", "infer", _stock),
     ModelImpl("resfused", "infer", _convert),
     ModelImpl("resfused-fused-cuda", "infer", functools.partial(_fuse, backend="cuda"), backend="cuda",
@@ -131,6 +125,14 @@ MODEL_IMPLS: list[ModelImpl] = [
               unavailable=_needs_gpu, in_quick=False,
               quick_reason="--quick: mode=\"max-autotune\" autotunes every conv of ResNet-50 (minutes); the quick "
                            "run's compile row is freezing with mode=default"),
+    # Last: their first steps autotune (Triton) or finalize cuDNN runtime-fusion plans for every conv shape, the
+    # slowest warm-ups of the suite; a run cut short by a timeout keeps the rows above.
+    ModelImpl("resfused-convbn-cuda", "train", functools.partial(_convert_convs, backend="cuda"), backend="cuda",
+              unavailable=_conv_bn_unavailable("cuda")),
+    ModelImpl("resfused-convbn-triton", "train", functools.partial(_convert_convs, backend="triton"),
+              backend="triton", unavailable=_conv_bn_unavailable("triton")),
+    ModelImpl("resfused-convbn-compile", "train", functools.partial(_convert_convs, backend="triton"),
+              backend="triton", compile=True, unavailable=_conv_bn_unavailable("triton"), in_quick=False),
 ]
 
 MODEL_DTYPES = {  # name -> (row dtype, autocast dtype or None, layout)

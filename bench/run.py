@@ -241,15 +241,17 @@ def main(argv=None) -> int:
         if args.suite in ("kernel", "bn", "all"):
             kernels.run_kernel_suite(doc, cases, impls, device, kernel_timer, show_progress=show,
                                      check=not args.no_check)
+        if args.suite in ("kernel", "conv", "all"):
+            convs.run_conv_suite(doc, conv_cases, conv_impls, device, kernel_timer, show_progress=show,
+                                 check=not args.no_check)
+        # The model suite last: its slowest rows (the fused-conv training rows, ending the list) warm up longest,
+        # and a run cut short by a timeout keeps everything measured before.
         if args.suite in ("model", "all"):
             for impl, reason in left_out:
                 for cfg in model_cfgs:
                     _harness.add_skipped(doc, "model", impl.name, reason, f"{impl.mode} {cfg.row_dtype}")
             models.run_model_suite(doc, model_cfgs, model_impls, device, model_timer, show_progress=show,
                                    warmup_steps=2 if gpu else 1, check=not args.no_check)
-        if args.suite in ("kernel", "conv", "all"):
-            convs.run_conv_suite(doc, conv_cases, conv_impls, device, kernel_timer, show_progress=show,
-                                 check=not args.no_check)
     except (_Terminated, KeyboardInterrupt) as e:  # keep what was measured; the run still fails
         what = "SIGTERM (a timeout?)" if isinstance(e, _Terminated) else "Ctrl-C"
         doc["notes"].append(f"Interrupted by {what}: partial results.")
