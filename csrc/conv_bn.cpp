@@ -17,9 +17,11 @@
 // implement for NHWC half/bfloat16 on Ampere and Hopper (the recipe of NVIDIA's MLPerf ResNet-50).
 //
 // Each graph is finalized once per (shapes, strides, dtype, geometry, flags, handle) and cached with its
-// execution plan; cuDNN's heuristics (mode A, then FALLBACK) rank the engines, and engines are filtered as
-// ATen filters its own: no down-converting engines, no tensor cores for fp32 unless
-// torch.backends.cudnn.allow_tf32, nothing non-deterministic under torch.use_deterministic_algorithms.
+// execution plan; cuDNN's heuristics (mode A, then FALLBACK) rank the engines, and engines are filtered
+// much as ATen filters its own: for fp32 inputs no down-converting engines and no tensor cores unless
+// torch.backends.cudnn.allow_tf32, nothing non-deterministic under torch.use_deterministic_algorithms or
+// torch.backends.cudnn.deterministic. Failures that say a configuration is unsupported are cached; others
+// (out of memory, internal errors) are retried on the next call.
 // When no engine supports a graph (fp32 NCHW, grouped convs on some versions, a misaligned pointer), the
 // call takes the unfused path instead, with one warning naming the reason: the activation is materialized
 // with ATen ops, the conv is ATen's (cuDNN), and the statistics come from at::var_mean. conv_bn_plan says
@@ -34,12 +36,14 @@
 //
 // No host synchronisation: plans are built on the host, execution is one cudnnBackendExecute on the current
 // stream with a workspace from PyTorch's caching allocator, so the op can be captured in a CUDA graph once
-// its plan is cached (a first call inside capture builds the plan, which launches nothing).
+// its plan is cached. Plans are never built during capture (finalizing a runtime-fusion plan compiles and
+// loads kernels): a configuration first seen inside capture takes the unfused path for that call.
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cudnn/Handle.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
 #include <cudnn.h>
@@ -66,15 +70,20 @@ namespace {
 using at::IntArrayRef;
 using at::Tensor;
 
-// A cuDNN call that failed while a graph or plan was being built: the configuration is unsupported, and the
-// op takes the unfused path. Failures while executing a finalized plan are errors instead (TORCH_CHECK).
+// A cuDNN call that failed while a graph or plan was being built: the op takes the unfused path. `settled`:
+// the failure says the configuration is unsupported (cuDNN's BAD_PARAM and NOT_SUPPORTED categories), so the
+// answer is cached; other failures (out of memory, internal errors) are retried on the next call. Failures
+// while executing a finalized plan are errors instead (TORCH_CHECK).
 struct Unsupported {
   std::string why;
+  bool settled = true;
 };
 
 void require(cudnnStatus_t status, const char* what) {
   if (status != CUDNN_STATUS_SUCCESS) {
-    throw Unsupported{std::string(what) + ": " + cudnnGetErrorString(status)};
+    const int category = static_cast<int>(status) / 1000 * 1000;  // cuDNN 9's CUDNN_STATUS_CATEGORY
+    throw Unsupported{std::string(what) + ": " + cudnnGetErrorString(status),
+                      category == CUDNN_STATUS_BAD_PARAM || category == CUDNN_STATUS_NOT_SUPPORTED};
   }
 }
 
@@ -280,6 +289,7 @@ struct Plan {
   int64_t workspace = 0;
   int64_t engine = -1;
   std::string unsupported;  // empty when plan is set
+  bool settled = true;      // false: a transient failure, not cached
 };
 
 struct EngineFilter {
@@ -311,19 +321,30 @@ bool engine_acceptable(const Desc& cfg, const EngineFilter& f, int64_t* index) {
                                    static_cast<int64_t>(notes.size()), &count, notes.data()),
           "engine numerical notes");
   notes.resize(static_cast<size_t>(count));
-  if (has_note(notes, CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS)) return false;
+  // Half inputs: the prologue's fp32 output is rounded to x's dtype for the MMA (as the reference does), so
+  // down-converting engines are what is wanted; fp32 inputs must not be down-converted.
+  if (f.fp32 && has_note(notes, CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS)) return false;
   if (f.fp32 && !f.allow_tf32 && has_note(notes, CUDNN_NUMERICAL_NOTE_TENSOR_CORE)) return false;
   if (f.deterministic && has_note(notes, CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC)) return false;
   return true;
 }
 
-// The first engine config, in heuristics order (mode A, then FALLBACK), that passes the filter and finalizes.
+// The first engine config, in heuristics order (mode A, then FALLBACK, each tried on its own), that passes the
+// filter and finalizes.
 Plan make_plan(GraphBuilder& builder, cudnnHandle_t handle, const EngineFilter& filter) {
   Plan result;
   std::string last = "cuDNN's heuristics returned no engine for the graph";
+  bool settled = true;
+  DescPtr graph;
   try {
-    DescPtr graph = builder.finish();
-    for (cudnnBackendHeurMode_t mode : {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK}) {
+    graph = builder.finish();
+  } catch (const Unsupported& e) {
+    result.unsupported = e.why;
+    result.settled = e.settled;
+    return result;
+  }
+  for (cudnnBackendHeurMode_t mode : {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK}) {
+    try {
       Desc heur(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR, "engine heuristics");
       heur.set_desc(CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, *graph)
           .set(CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode);
@@ -366,19 +387,23 @@ Plan make_plan(GraphBuilder& builder, cudnnHandle_t handle, const EngineFilter& 
           return result;
         } catch (const Unsupported& e) {
           last = e.why;
+          settled = settled && e.settled;
         }
       }
+    } catch (const Unsupported& e) {
+      last = e.why;
+      settled = settled && e.settled;
     }
-  } catch (const Unsupported& e) {
-    last = e.why;
   }
   result.unsupported = last;
+  result.settled = settled;
   return result;
 }
 
-// Plans by configuration key, built once. Unsupported configurations are cached too (as their reason).
+// Plans by configuration key, built once. Unsupported configurations are cached too (as their reason). Never
+// destroyed: its descriptors must not outlive cuDNN and the CUDA context at process exit.
 std::mutex cache_mutex;
-std::unordered_map<std::string, std::shared_ptr<const Plan>> cache;
+auto* const cache = new std::unordered_map<std::string, std::shared_ptr<const Plan>>();
 
 bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
@@ -390,8 +415,9 @@ cudnnHandle_t current_handle() {
 }
 
 EngineFilter filter_for(const Tensor& x) {
-  return {x.scalar_type() == at::kFloat, at::globalContext().allowTF32CuDNN(),
-          at::globalContext().deterministicAlgorithms()};
+  const auto& ctx = at::globalContext();
+  return {x.scalar_type() == at::kFloat, ctx.allowTF32CuDNN(),
+          ctx.deterministicCuDNN() || ctx.deterministicAlgorithms()};
 }
 
 void key_dims(std::ostringstream& key, const char* name, const Tensor& t) {
@@ -417,12 +443,19 @@ std::shared_ptr<const Plan> unsupported(std::string why) {
 }
 
 // The cached plan for `key`, built by `build(builder)` (which adds the graph's operations) on first use.
+// Not during CUDA graph capture: runtime-fusion plans compile and load kernels when finalized, which must
+// happen before capture (the first call of an op, as for cuDNN's own plans); a call captured first takes the
+// unfused path, and nothing is cached.
 template <typename Build>
 std::shared_ptr<const Plan> cached_plan(const std::string& key, cudnnHandle_t handle, const EngineFilter& f,
                                         Build&& build) {
   std::lock_guard<std::mutex> lock(cache_mutex);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
+  auto it = cache->find(key);
+  if (it != cache->end()) return it->second;
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    return unsupported("no cuDNN plan was built for this configuration before CUDA graph capture began; run it "
+                       "once outside capture (warm-up)");
+  }
   Plan plan;
   try {
     GraphBuilder b(handle);
@@ -430,9 +463,10 @@ std::shared_ptr<const Plan> cached_plan(const std::string& key, cudnnHandle_t ha
     plan = make_plan(b, handle, f);
   } catch (const Unsupported& e) {
     plan.unsupported = e.why;
+    plan.settled = e.settled;
   }
   auto shared = std::make_shared<const Plan>(std::move(plan));
-  cache.emplace(key, shared);
+  if (shared->settled) cache->emplace(key, shared);
   return shared;
 }
 
@@ -544,6 +578,12 @@ Tensor activation(const Tensor& x, const std::optional<Tensor>& scale, const std
   return z.to(x.scalar_type()).contiguous(format_of(x));
 }
 
+// scale/shift as cuDNN reads them: 16-byte aligned, as the graph declares (fresh tensors are; a view may not be).
+std::optional<Tensor> aligned_vector(const std::optional<Tensor>& v) {
+  if (!v.has_value() || aligned16(*v)) return v;
+  return v->clone();
+}
+
 void add_prologue(std::vector<int64_t>& uids, std::vector<void*>& ptrs, const std::optional<Tensor>& scale,
                   const std::optional<Tensor>& shift) {
   if (!scale.has_value()) return;
@@ -563,19 +603,20 @@ std::string describe(const Plan& plan) {
 // ------------------------------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor, Tensor> conv_bn_forward(const Tensor& x, const Tensor& weight_in,
-                                                   const std::optional<Tensor>& scale,
-                                                   const std::optional<Tensor>& shift, IntArrayRef stride,
+                                                   const std::optional<Tensor>& scale_in,
+                                                   const std::optional<Tensor>& shift_in, IntArrayRef stride,
                                                    IntArrayRef padding, IntArrayRef dilation, int64_t groups,
                                                    bool stats) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4, "conv_bn (cuda): x must be a 4-D CUDA tensor");
   cudnn_dtype(x.scalar_type());
   const Tensor weight = like_x(weight_in, "weight", x);
-  const bool prologue = scale.has_value();
-  TORCH_CHECK(prologue == shift.has_value(), "conv_bn (cuda): scale and shift must be given together");
+  const bool prologue = scale_in.has_value();
+  TORCH_CHECK(prologue == shift_in.has_value(), "conv_bn (cuda): scale and shift must be given together");
   if (prologue) {
-    check_vector(scale, "scale", x);
-    check_vector(shift, "shift", x);
+    check_vector(scale_in, "scale", x);
+    check_vector(shift_in, "shift", x);
   }
+  const std::optional<Tensor> scale = aligned_vector(scale_in), shift = aligned_vector(shift_in);
   const Geometry g = geometry(stride, padding, dilation, groups);
   TORCH_CHECK(weight.size(1) * groups == x.size(1) && weight.size(0) % groups == 0, "conv_bn (cuda): weight of shape ",
               weight.sizes(), " with groups=", groups, " does not fit x's ", x.size(1), " channels");
@@ -613,18 +654,19 @@ std::tuple<Tensor, Tensor, Tensor> conv_bn_forward(const Tensor& x, const Tensor
   return {y, mean, var};
 }
 
-Tensor conv_bn_wgrad(const Tensor& grad_y_in, const Tensor& x, const std::optional<Tensor>& scale,
-                     const std::optional<Tensor>& shift, IntArrayRef weight_size, IntArrayRef stride,
+Tensor conv_bn_wgrad(const Tensor& grad_y_in, const Tensor& x, const std::optional<Tensor>& scale_in,
+                     const std::optional<Tensor>& shift_in, IntArrayRef weight_size, IntArrayRef stride,
                      IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4, "conv_bn (cuda): x must be a 4-D CUDA tensor");
   cudnn_dtype(x.scalar_type());
   const Tensor grad_y = like_x(grad_y_in, "grad_y", x);
-  const bool prologue = scale.has_value();
-  TORCH_CHECK(prologue == shift.has_value(), "conv_bn (cuda): scale and shift must be given together");
+  const bool prologue = scale_in.has_value();
+  TORCH_CHECK(prologue == shift_in.has_value(), "conv_bn (cuda): scale and shift must be given together");
   if (prologue) {
-    check_vector(scale, "scale", x);
-    check_vector(shift, "shift", x);
+    check_vector(scale_in, "scale", x);
+    check_vector(shift_in, "shift", x);
   }
+  const std::optional<Tensor> scale = aligned_vector(scale_in), shift = aligned_vector(shift_in);
   TORCH_CHECK(weight_size.size() == 4, "conv_bn (cuda): weight_size must have four entries");
   const Geometry g = geometry(stride, padding, dilation, groups);
   TORCH_CHECK(IntArrayRef(output_sizes(x, weight_size, g)) == grad_y.sizes(), "conv_bn (cuda): grad_y has shape ",
