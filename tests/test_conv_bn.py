@@ -286,14 +286,32 @@ def test_statistics_are_deterministic(backend, small_tiles):
         assert torch.equal(u, v)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")
-def test_two_level_statistics_merge(monkeypatch, small_tiles):
-    """More row tiles than _STATS_CHUNK (here 4 tiles in chunks of 3, the last one partial): the two-level merge
-    gives the statistics and running stats of the single-level one, up to fp32 rounding, and y unchanged."""
+@pytest.fixture
+def tiny_tiles(monkeypatch):
+    """16-row tiles for the Triton forward and backward kernels, in the interpreter and on a GPU with one fixed
+    config (tests/conftest.py), so tiny shapes run several row tiles there too; skips when autotuning."""
+    if "triton" not in BACKENDS:
+        pytest.skip("needs the triton backend")
     tk = importlib.import_module("resfused.triton_kernels.conv_bn")
+    if not tk._INTERPRET and not tk._FIXED:
+        pytest.skip("the forward kernel is autotuned (RESFUSED_TRITON_AUTOTUNE=1): its tiles cannot be fixed")
+    gpu = {} if tk._INTERPRET else {"num_warps": 4, "num_stages": 2}
+    monkeypatch.setattr(tk, "_FIXED", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, **gpu})
+    monkeypatch.setattr(tk, "_BWD", {**tk._BWD, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
+    monkeypatch.setattr(tk, "_MIN_BLOCK_M", None)
+    return tk
+
+
+@pytest.mark.parametrize("min_block_m", [None, 8], ids=["exact", "oversized"])
+def test_two_level_statistics_merge(monkeypatch, tiny_tiles, min_block_m):
+    """More row tiles than _STATS_CHUNK (4 tiles of 16 rows in chunks of 3, the last one partial): the two-level
+    merge gives the single-level statistics and running stats up to fp32 rounding, and the same y. "oversized":
+    the partial buffers sized for 8-row tiles (as for an autotuned kernel whose chosen BLOCK_M is larger than the
+    smallest), so 3 of 7 partials have count 0 and the last chunk is empty."""
+    tk = tiny_tiles
+    monkeypatch.setattr(tk, "_MIN_BLOCK_M", min_block_m)
     x, weight, pro, rm, rv, (s, p, g) = _conv_inputs("3x3_s1", torch.float32, "cl")
-    if tk._INTERPRET:
-        assert x.shape[0] * x.shape[2] * x.shape[3] == 50  # 4 row tiles of 16 rows
+    assert x.shape[0] * x.shape[2] * x.shape[3] == 50  # 4 row tiles of 16 rows; 7 of 8
     runs = []
     for chunk in (1 << 30, 3):
         monkeypatch.setattr(tk, "_STATS_CHUNK", chunk)
@@ -309,33 +327,34 @@ def test_two_level_statistics_merge(monkeypatch, small_tiles):
         torch.testing.assert_close(out.double(), r, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")
 @pytest.mark.parametrize("case,layout", [("3x3_s1", "cl"), ("1x1_s2", "nchw")])
-def test_wgrad_split_k(monkeypatch, small_tiles, case, layout):
-    """wgrad split over the rows (fp32 partials summed in order) gives the unsplit gradient to fp32 rounding,
+def test_wgrad_split_k(monkeypatch, tiny_tiles, case, layout):
+    """wgrad split over the rows (several fp32 partials summed) gives the unsplit gradient to fp32 rounding,
     within twice stock float32's error, and the same bits on a rerun."""
-    tk = importlib.import_module("resfused.triton_kernels.conv_bn")
+    tk = tiny_tiles
     x, weight, pro, _, _, (s, p, g) = _conv_inputs(case, torch.float32, layout)
-    gy = None
-    grads = []
-    for target in (1, 1 << 20, 1 << 20):
-        monkeypatch.setattr(tk, "_WGRAD_TARGET_PROGRAMS", target)
-        monkeypatch.setattr(tk, "_WGRAD_MIN_ITERS", 1)
-        y, _, _ = op.conv_bn(x, weight, s, p, 1, g, prologue=pro, backend="triton")
-        if gy is None:
-            gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-        args = (gy.contiguous(memory_format=LAYOUTS[layout]), x, weight, *pro[:4], [s, s], [p, p], [1, 1], g, True,
-                False, False, True, False)
-        grads.append(tk.backward(*args)[1])
+    y, _, _ = op.conv_bn(x, weight, s, p, 1, g, prologue=pro, backend="triton")
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    gy = gy.contiguous(memory_format=LAYOUTS[layout])
+    args = (gy, x, weight, *pro[:4], [s, s], [p, p], [1, 1], g, True, False, False, True, False)
     m = gy.shape[0] * gy.shape[2] * gy.shape[3]
-    block_m = tk._BWD["BLOCK_M"]
-    assert tk._wgrad_rows_per_split(m, 1, block_m, x.device) < m or not tk._INTERPRET  # several splits ran
+    monkeypatch.setattr(tk, "_WGRAD_MIN_ITERS", 1)
+    grads = []
+    for target, splits in ((1, 1), (1 << 20, triton_cdiv(m, 16)), (1 << 20, triton_cdiv(m, 16))):
+        monkeypatch.setattr(tk, "_WGRAD_TARGET_PROGRAMS", target)
+        assert triton_cdiv(m, tk._wgrad_rows_per_split(m, 2, 16, x.device)) == splits
+        grads.append(tk.backward(*args)[1])
+    assert triton_cdiv(m, 16) >= 2  # several splits ran
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
     assert torch.equal(grads[1], grads[2])
     ref = _stock_grads(x, weight, pro, gy, (s, p, g), "eval", torch.float64)[1]
     stock = _stock_grads(x, weight, pro, gy, (s, p, g), "eval", torch.float32)[1]
     err, tol = max_err(grads[1], ref), tolerance(torch.float32, ref, stock)
     assert err <= tol, f"{err:.3e} > {tol:.3e}"
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
 
 
 _GPU_COMPILE_SCRIPT = r"""
@@ -346,7 +365,7 @@ import resfused.triton_kernels.conv_bn as k
 
 wgrad = dict(STRIDE_H=1, STRIDE_W=1, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, KH=3, KW=3, PROLOGUE=True,
              INPUT_PRECISION="ieee", DOT_IN_FP32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
-for fn, consts, floats in ((k._bn_stats_merge_kernel, dict(CHUNK=64, BLOCK_C=128), set()),
+for fn, consts, floats in ((k._bn_stats_merge_kernel, dict(BLOCK_C=128), set()),
                            (k._bn_stats_finalize_kernel, dict(UPDATE_RUNNING=True, BLOCK_C=128), {"momentum", "eps"}),
                            (k._conv_bn_wgrad_kernel, wgrad, set())):
     names = fn.arg_names

@@ -26,8 +26,8 @@ from conftest import DEVICE, HAS_CUDA  # noqa: E402
 BACKENDS = [b for b in ("reference", "triton", "cuda") if op.unavailable_reason(b, DEVICE, torch.float32) is None]
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 NETS = ("resnet18", "resnet34", "resnet50", "resnet101")
-# The interpreter runs ResNet-18 at 32x32 in a few seconds; on a GPU the Triton autotuner compiles every config
-# for each new conv geometry, so the GPU run covers one net of each block type.
+# The interpreter runs ResNet-18 at 32x32 in a few seconds; on a GPU each new conv geometry compiles a Triton
+# kernel (one fixed config in tests, see conftest.py), so the GPU run covers one net of each block type.
 TRITON_NETS = ("resnet18", "resnet50") if HAS_CUDA else ("resnet18",)
 
 

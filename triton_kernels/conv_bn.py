@@ -17,13 +17,14 @@ the tile's row count into a (T,) buffer (T = number of row tiles); ``_bn_stats_f
 partials per channel in tile order with Chan's formula (centred; no E[x^2] - E[x]^2, no atomics, so the
 result is deterministic), writes mean and invstd and updates running_mean / running_var as nn.BatchNorm2d
 does (unbiased variance). Beyond _STATS_CHUNK tiles the merge takes two levels: ``_bn_stats_merge_kernel``
-merges each run of _STATS_CHUNK tiles in parallel (one program per run and channel block), and the finalize
-merges those, so no program walks more than max(_STATS_CHUNK, T / _STATS_CHUNK) partials.
+merges runs of about sqrt(T) tiles in parallel (one program per run and channel block), and the finalize
+merges those, so no program walks more than about max(_STATS_CHUNK, sqrt(T)) partials.
 
 Backward (three kernels and a tiny sum):
   * wgrad: dw = dy^T @ a with a regathered from x and the prologue recomputed per tile (a is never stored);
     each program owns a dw tile over one split of the rows (split-K: about 4 programs per SM, at least
-    _WGRAD_MIN_ITERS row tiles per split), the fp32 split partials summed in order (deterministic).
+    _WGRAD_MIN_ITERS row tiles per split), the fp32 split partials summed by torch.sum (no atomics: the same
+    bits on every run with the same device and config).
   * dgrad: grad_a = dy (*) w^T as an implicit GEMM over input pixels (stride handled by divisibility masks);
     with a prologue its epilogue reloads x, recomputes z = bn(x), applies dReLU (gz = grad_a where z > 0),
     writes gz in fp32 and per-tile partial sums of gz and gz * xhat (the dBN reductions; no atomics);
@@ -55,6 +56,7 @@ TRITON_INTERPRET=1. Not yet run on a GPU.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Sequence
 
@@ -184,8 +186,8 @@ def _chan_merge(pmean_ptr, pm2_ptr, pcnt_ptr, t0, t1, rc, c_ok, C, BLOCK_C: tl.c
 
 
 @triton.jit
-def _bn_stats_merge_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, omean_ptr, om2_ptr, ocnt_ptr, T, C,
-                           CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bn_stats_merge_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, omean_ptr, om2_ptr, ocnt_ptr, T, C, CHUNK,
+                           BLOCK_C: tl.constexpr):
     """First level of the merge: partials [chunk * CHUNK, (chunk + 1) * CHUNK) -> one (count, mean, M2) each."""
     chunk = tl.program_id(0)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -237,8 +239,9 @@ else:
     _MIN_BLOCK_M = None
 
 _FINALIZE_BLOCK_C = 128
-# Row-tile partials merged per first-level program; more than this many tiles take the two-level merge
-# (ResNet-50's layer1 at batch 256 has 6272 tiles of 128 rows: 98 chunks, then one pass over those).
+# More partials than this take the two-level merge, in chunks of max(_STATS_CHUNK, ~sqrt(T)) partials, so
+# neither level walks more than about sqrt(T) of them. (T counts tiles of the smallest autotuned BLOCK_M: for
+# ResNet-50's layer1 at batch 256, 25088 partials of 32 rows, chunks of 159, 158 chunks.)
 _STATS_CHUNK = 64
 
 
@@ -246,12 +249,13 @@ def _finalize_stats(pmean, pm2, pcnt, mean, invstd, running_mean, running_var, m
     """Merge the (T, C) partials (two levels when T > _STATS_CHUNK) into mean/invstd and the running stats."""
     tiles, c_out = pmean.shape
     if tiles > _STATS_CHUNK:
-        chunks = triton.cdiv(tiles, _STATS_CHUNK)
+        chunk = max(_STATS_CHUNK, math.isqrt(tiles - 1) + 1)
+        chunks = triton.cdiv(tiles, chunk)
         cmean = torch.empty((chunks, c_out), dtype=pmean.dtype, device=pmean.device)
         cm2 = torch.empty_like(cmean)
         ccnt = torch.empty((chunks,), dtype=pcnt.dtype, device=pcnt.device)
         _bn_stats_merge_kernel[(chunks, triton.cdiv(c_out, _FINALIZE_BLOCK_C))](
-            pmean, pm2, pcnt, cmean, cm2, ccnt, tiles, c_out, CHUNK=_STATS_CHUNK, BLOCK_C=_FINALIZE_BLOCK_C)
+            pmean, pm2, pcnt, cmean, cm2, ccnt, tiles, c_out, chunk, BLOCK_C=_FINALIZE_BLOCK_C)
         pmean, pm2, pcnt, tiles = cmean, cm2, ccnt, chunks
     update = running_mean is not None
     _bn_stats_finalize_kernel[(triton.cdiv(c_out, _FINALIZE_BLOCK_C),)](
@@ -333,7 +337,7 @@ def _conv_bn_wgrad_kernel(
 
     Each program owns one (BLOCK_N x BLOCK_K) tile of dw over rows [split * ROWS_PER_SPLIT, ...) (split =
     program_id(2)) and writes it at dw_ptr + split * sws: with one split straight into dw, with several into an
-    fp32 (splits, ...) buffer the launcher sums in a fixed order (deterministic, no atomics).
+    fp32 (splits, ...) buffer the launcher sums with torch.sum (no atomics; deterministic).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -388,7 +392,7 @@ def _wgrad_rows_per_split(m: int, tile_programs: int, block_m: int, device: torc
     if target is None:
         target = 1 if _INTERPRET else 4 * torch.cuda.get_device_properties(device).multi_processor_count
     iters = triton.cdiv(m, block_m)
-    splits = max(1, min(target // max(tile_programs, 1), iters // max(_WGRAD_MIN_ITERS, 1)))
+    splits = max(1, min(target // max(tile_programs, 1), iters // max(_WGRAD_MIN_ITERS, 1), 65535))  # grid z
     return triton.cdiv(iters, splits) * block_m
 
 
@@ -541,7 +545,7 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, in_mean: Optional[Tensor
             tiles = (groups * triton.cdiv(c_out_g, cfg["BLOCK_N"]), triton.cdiv(c_in_g * kh * kw, cfg["BLOCK_K"]))
             rows = _wgrad_rows_per_split(m, tiles[0] * tiles[1], cfg["BLOCK_M"], dev)
             splits = triton.cdiv(m, rows)
-            # Several splits write fp32 partials, summed below in split order (torch.sum: deterministic).
+            # Several splits write fp32 partials, summed below (torch.sum: deterministic).
             dw = grad_weight if splits == 1 else torch.empty((splits, *weight.shape), dtype=st, device=dev)
             dw_strides = (*grad_weight.stride(), 0) if splits == 1 else (*dw.stride()[1:], dw.stride(0))
             _conv_bn_wgrad_kernel[(*tiles, splits)](
