@@ -26,6 +26,10 @@ def main() -> None:
     for name in ("cuda", "triton", "reference"):
         why = _backend.unavailable_reason(name)
         print(f"  {name:9s} {'available' if why is None else 'unavailable: ' + why}")
+    if _backend._cuda_ext_error() is None:
+        from resfused.ops import conv_bias_act, conv_bn
+        for op, why in (("conv_bias_act", conv_bias_act.cuda_op_reason()), ("conv_bn", conv_bn.cuda_op_reason())):
+            print(f"  cuda {op}: {'built' if why is None else why}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ graph is expected on sm80+), and the unfused path agreeing with the fused one.
 
 from __future__ import annotations
 
-import types
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -50,6 +51,15 @@ def test_extension_registers_conv_bn_ops():
         assert str(packet.default._schema) == f"resfused_cuda_conv_bn::{schema}"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resfused_cuda_conv_bn::{name}", "CUDA"), name
     assert op.cuda_op_reason() is None
+
+
+@pytest.mark.skipif(not _extension_expected(),
+                    reason="resfused._C is not built (no RESFUSED_FORCE_CUDA_BUILD=1 and no installed extension)")
+def test_info_reports_the_cuda_conv_ops():
+    """`python -m resfused` (gpu_check.sh's info step) says whether _C carries each CUDA conv op."""
+    proc = subprocess.run([sys.executable, "-m", "resfused"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cuda conv_bias_act: built" in proc.stdout and "cuda conv_bn: built" in proc.stdout, proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------------
