@@ -363,14 +363,16 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import resfused.triton_kernels.conv_bn as k
 
-wgrad = dict(STRIDE_H=1, STRIDE_W=1, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, KH=3, KW=3, PROLOGUE=True,
-             INPUT_PRECISION="ieee", DOT_IN_FP32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+gemm = dict(STRIDE_H=2, STRIDE_W=2, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, KH=3, KW=3, PROLOGUE=True,
+            INPUT_PRECISION="ieee", DOT_IN_FP32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
 for fn, consts, floats in ((k._bn_stats_merge_kernel, dict(BLOCK_C=128), set()),
                            (k._bn_stats_finalize_kernel, dict(UPDATE_RUNNING=True, BLOCK_C=128), {"momentum", "eps"}),
-                           (k._conv_bn_wgrad_kernel, wgrad, set())):
+                           (k._conv_bn_wgrad_kernel, gemm, set()),
+                           (k._conv_bn_dgrad_kernel, gemm, set()),
+                           (k._bn_input_grad_kernel, dict(TRAINING=True, CHANNELS_LAST=True, BLOCK=1024), {"inv_n"})):
     names = fn.arg_names
     constexpr = {n for n, p in zip(names, fn.params) if p.is_constexpr}
-    ptr = {"x_ptr": "*bf16", "dy_ptr": "*bf16"}
+    ptr = {n: "*bf16" for n in ("x_ptr", "dy_ptr", "w_ptr", "out_ptr", "gz_ptr")}
     sig = {n: "constexpr" if n in constexpr else (ptr.get(n, "*fp32") if n.endswith("_ptr")
                                                   else ("fp32" if n in floats else "i32")) for n in names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
@@ -379,10 +381,10 @@ for fn, consts, floats in ((k._bn_stats_merge_kernel, dict(BLOCK_C=128), set()),
 """
 
 
-def test_statistics_and_wgrad_kernels_compile_for_gpu():
-    """The two-level statistics merge, the finalize and the split-K wgrad lower to PTX for sm_90 without a GPU
-    (in a subprocess without TRITON_INTERPRET): what the interpreter cannot check (dynamic loop bounds, the
-    per-chunk count store, the dot's shapes)."""
+def test_statistics_and_backward_kernels_compile_for_gpu():
+    """The two-level statistics merge, the finalize, the split-K wgrad, the dgrad (bf16 gz out) and the input-grad
+    kernel lower to PTX for sm_90 without a GPU (in a subprocess without TRITON_INTERPRET): what the interpreter
+    cannot check (dynamic loop bounds, the per-chunk count store, the dots' shapes and dtypes)."""
     import subprocess
     import sys
 
@@ -393,7 +395,7 @@ def test_statistics_and_wgrad_kernels_compile_for_gpu():
     if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
         pytest.skip(f"no ptxas for Triton's NVIDIA backend: {proc.stderr[-300:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(" ok ") == 3
+    assert proc.stdout.count(" ok ") == 5
 
 
 def _batch_params(t, w, b):

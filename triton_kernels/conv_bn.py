@@ -20,24 +20,26 @@ does (unbiased variance). Beyond _STATS_CHUNK tiles the merge takes two levels: 
 merges runs of about sqrt(T) tiles in parallel (one program per run and channel block), and the finalize
 merges those, so no program walks more than about max(_STATS_CHUNK, sqrt(T)) partials.
 
-Backward (three kernels and a tiny sum):
+Backward (three kernels and a torch.sum):
   * wgrad: dw = dy^T @ a with a regathered from x and the prologue recomputed per tile (a is never stored);
     each program owns a dw tile over one split of the rows (split-K: about 4 programs per SM, at least
     _WGRAD_MIN_ITERS row tiles per split), the fp32 split partials summed by torch.sum (no atomics: the same
     bits on every run with the same device and config).
   * dgrad: grad_a = dy (*) w^T as an implicit GEMM over input pixels (stride handled by divisibility masks);
     with a prologue its epilogue reloads x, recomputes z = bn(x), applies dReLU (gz = grad_a where z > 0),
-    writes gz in fp32 and per-tile partial sums of gz and gz * xhat (the dBN reductions; no atomics);
-  * _sum_partials_kernel adds the partials in tile order: grad of the prologue BN's weight and bias;
+    writes gz in x's dtype and per-tile partial sums of gz and gz * xhat from the fp32 accumulator (the dBN
+    reductions; no atomics);
+  * torch.sum adds the partials (a parallel, deterministic reduction): grad of the prologue BN's weight and bias;
   * _bn_input_grad_kernel: grad_x = w * invstd * (gz - mean(gz) - xhat * mean(gz * xhat)) elementwise.
 
 Passes over memory per conv, training (activations only; w is small):
   forward   read x (once per N-tile of C_out), write y; partials 2 * T * C_out * 4 bytes (1/BLOCK_M of y in fp32).
-  backward  wgrad: read x + read dy (once per tile of dw); dgrad: read dy, read x, write gz (fp32); input grad:
-            read gz + read x, write grad_x. Stock (conv, BN, ReLU as separate ops) additionally writes and reads
-            the normalized activation in forward, saves it for backward, and runs BN/ReLU backward as
-            separate passes. Floor aimed at: forward read(x) + write(y); backward read(x) + read(dy) per GEMM
-            + write(grad_x); the fp32 gz round trip (write + read) is what this version adds over that floor.
+  backward  wgrad: read x + read dy (once per tile of dw); dgrad: read dy, read x, write gz; input grad:
+            read gz + read x, write grad_x (gz, x and grad_x in x's dtype). Stock (conv, BN, ReLU as separate
+            ops) additionally writes and reads the normalized activation in forward, saves it for backward, and
+            runs BN/ReLU backward as separate passes. Floor aimed at: forward read(x) + write(y); backward
+            read(x) + read(dy) per GEMM + write(grad_x); the gz round trip (write + read, one x-sized tensor
+            each way) and the second read of x are what this version adds over that floor.
 
 Block tail, out = relu(bn(y) + residual) or relu(bn(y) + bn_d(residual)) (the downsample BN applied here):
   forward   _tail_fwd_kernel: read y, read the residual, write out and the packed 1-bit mask: 3 + 1/16 passes
@@ -411,8 +413,8 @@ def _conv_bn_dgrad_kernel(
     """grad_a[p, ci] = sum_(tap, co) dy[p's output pixel for tap, co] * w[co, ci, tap] over input pixels p.
 
     With PROLOGUE the epilogue recomputes z = bn(x) at the tile, applies dReLU (gz = grad_a where z > 0),
-    writes gz (fp32) and the tile's per-channel partial sums of gz and gz * xhat (deterministic, no atomics);
-    without it, grad_a is the input gradient and is written in the output dtype.
+    writes gz in x's dtype and the tile's per-channel partial sums of gz and gz * xhat from the fp32
+    accumulator (deterministic, no atomics); without it, grad_a is the input gradient, written in x's dtype.
     """
     grp, rm, rn, m_ok, n_ok, img64, ih, iw = _gemm_tile(MI, C_IN_G, H, W, BLOCK_M, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -447,26 +449,12 @@ def _conv_bn_dgrad_kernel(
         centred = xv - mu[None, :]
         z = centred * sc[None, :] + sh[None, :]
         gz = tl.where(out_mask & (z > 0), acc, 0.0)
-        tl.store(o_ptrs, gz, mask=out_mask)
+        tl.store(o_ptrs, gz.to(out_ptr.dtype.element_ty), mask=out_mask)
         p_off = tl.program_id(0).to(tl.int64) * C_IN + ci
         tl.store(psum_ptr + p_off, tl.sum(gz, axis=0), mask=n_ok)
         tl.store(psumx_ptr + p_off, tl.sum(gz * (centred * inv[None, :]), axis=0), mask=n_ok)
     else:
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _sum_partials_kernel(p_ptr, q_ptr, sum_p_ptr, sum_q_ptr, T, C, BLOCK_C: tl.constexpr):
-    """Per-channel sums of two (T, C) fp32 partial buffers, added in tile order (deterministic)."""
-    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = rc < C
-    sp = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    sq = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t in range(0, T):
-        sp += tl.load(p_ptr + t * C + rc, mask=c_ok, other=0.0)
-        sq += tl.load(q_ptr + t * C + rc, mask=c_ok, other=0.0)
-    tl.store(sum_p_ptr + rc, sp, mask=c_ok)
-    tl.store(sum_q_ptr + rc, sq, mask=c_ok)
 
 
 @triton.jit
@@ -488,7 +476,7 @@ def _bn_input_grad_kernel(gz_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, sum_g
         c = (offs // (W * H)) % C
         n = offs // (W * H * C)
     off = n * sn + c * sc + h * sh + w_ * sw
-    gz = tl.load(gz_ptr + off, mask=ok, other=0.0)
+    gz = tl.load(gz_ptr + off, mask=ok, other=0.0).to(tl.float32)
     k = tl.load(weight_ptr + c, mask=ok, other=0.0) * tl.load(invstd_ptr + c, mask=ok, other=0.0)
     if TRAINING:
         xv = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
@@ -563,8 +551,8 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, in_mean: Optional[Tensor
         return grad_x, grad_weight, grad_in_w, grad_in_b
     mi = n * h * w
     tiles = triton.cdiv(mi, cfg["BLOCK_M"])
-    # Without a prologue dgrad writes the input gradient itself; with one it writes gz (fp32) for the dBN step.
-    out = torch.empty_like(x, dtype=st if prologue else x.dtype)
+    # Without a prologue dgrad writes the input gradient itself; with one it writes gz for the dBN step.
+    out = torch.empty_like(x)
     psum = torch.empty((tiles, c_in) if prologue else (1,), dtype=st, device=dev)
     psumx = torch.empty_like(psum)
     grid = (tiles, groups * triton.cdiv(c_in_g, cfg["BLOCK_N"]))
@@ -575,10 +563,8 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, in_mean: Optional[Tensor
         **geometry, PROLOGUE=bool(prologue), INPUT_PRECISION=prec, DOT_IN_FP32=dot_fp32, **cfg)
     if not prologue:
         return out, grad_weight, grad_in_w, grad_in_b
-    sum_g = torch.empty((c_in,), dtype=st, device=dev)
-    sum_gx = torch.empty_like(sum_g)
-    _sum_partials_kernel[(triton.cdiv(c_in, _FINALIZE_BLOCK_C),)](psum, psumx, sum_g, sum_gx, tiles, c_in,
-                                                                  BLOCK_C=_FINALIZE_BLOCK_C)
+    # The per-tile partials summed by torch.sum: a parallel reduction, deterministic (no atomics).
+    sum_g, sum_gx = psum.sum(dim=0), psumx.sum(dim=0)
     if need_affine:
         grad_in_w, grad_in_b = sum_gx, sum_g
     if need_input_grad:
