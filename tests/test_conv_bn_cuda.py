@@ -8,8 +8,8 @@ Everywhere:
     emulations of the C++ ops' contracts, against the reference backend: the blocks' float32 SGD-step tests
     of tests/test_conv_bn.py with backend="cuda", and every output subset of backward and the tail.
 On a GPU (@pytest.mark.cuda) the real ops run in every test of tests/test_conv_bn.py (its BACKENDS include
-cuda there), and here: which path cuDNN gives each ResNet-50 conv shape in bf16 channels_last (the fused
-graph is expected on sm80+), and the unfused path agreeing with the fused one.
+cuda there), and here: which path cuDNN gives one ResNet-50 conv of each kind in bf16 channels_last (the
+fused graph is expected on sm80+), the unfused path agreeing with the fused one, and CUDA graph capture.
 """
 
 from __future__ import annotations
