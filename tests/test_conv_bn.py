@@ -363,28 +363,43 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import resfused.triton_kernels.conv_bn as k
 
-gemm = dict(STRIDE_H=2, STRIDE_W=2, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, KH=3, KW=3, PROLOGUE=True,
-            INPUT_PRECISION="ieee", DOT_IN_FP32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
-for fn, consts, floats in ((k._bn_stats_merge_kernel, dict(BLOCK_C=128), set()),
-                           (k._bn_stats_finalize_kernel, dict(UPDATE_RUNNING=True, BLOCK_C=128), {"momentum", "eps"}),
-                           (k._conv_bn_wgrad_kernel, gemm, set()),
-                           (k._conv_bn_dgrad_kernel, gemm, set()),
-                           (k._bn_input_grad_kernel, dict(TRAINING=True, CHANNELS_LAST=True, BLOCK=1024), {"inv_n"})):
+geo = dict(STRIDE_H=2, STRIDE_W=2, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, KH=3, KW=3, PROLOGUE=True,
+           INPUT_PRECISION="ieee", DOT_IN_FP32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+tail = dict(RES_BN=True, CHANNELS_LAST=True, BLOCK_R=32, BLOCK_I=64)
+kernels = (
+    (k._conv_bn_fwd_kernel, dict(geo, STATS=True, FLAT_K=False)),
+    (k._bn_stats_merge_kernel, dict(BLOCK_C=128)),
+    (k._bn_stats_finalize_kernel, dict(UPDATE_RUNNING=True, BLOCK_C=128)),
+    (k._conv_bn_wgrad_kernel, geo),
+    (k._conv_bn_dgrad_kernel, geo),
+    (k._bn_input_grad_kernel, dict(TRAINING=True, CHANNELS_LAST=True, BLOCK=1024)),
+    (k._tail_fwd_kernel, tail),
+    (k._tail_bwd_reduce_kernel, tail),
+    (k._tail_bwd_elementwise_kernel, dict(tail, WRITE_Y=True, WRITE_R=True, TRAINING=True, RES_TRAINING=True)),
+)
+bf16 = {"x_ptr", "w_ptr", "dy_ptr", "y_ptr", "r_ptr", "out_ptr", "gz_ptr", "g_ptr", "gy_out_ptr", "gr_out_ptr"}
+floats = {"momentum", "eps", "inv_n"}
+for fn, consts in kernels:
     names = fn.arg_names
     constexpr = {n for n, p in zip(names, fn.params) if p.is_constexpr}
-    ptr = {n: "*bf16" for n in ("x_ptr", "dy_ptr", "w_ptr", "out_ptr", "gz_ptr")}
-    sig = {n: "constexpr" if n in constexpr else (ptr.get(n, "*fp32") if n.endswith("_ptr")
-                                                  else ("fp32" if n in floats else "i32")) for n in names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
+    def kind(n):
+        if n in constexpr:
+            return "constexpr"
+        if n.endswith("_ptr"):
+            return "*bf16" if n in bf16 else ("*u8" if n == "mask_ptr" else "*fp32")
+        return "fp32" if n in floats else "i32"
+    src = ASTSource(fn=fn, signature={n: kind(n) for n in names},
+                    constexprs={(names.index(n),): v for n, v in consts.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
     print(fn.__name__, "ok", len(compiled.asm["ptx"]))
 """
 
 
-def test_statistics_and_backward_kernels_compile_for_gpu():
-    """The two-level statistics merge, the finalize, the split-K wgrad, the dgrad (bf16 gz out) and the input-grad
-    kernel lower to PTX for sm_90 without a GPU (in a subprocess without TRITON_INTERPRET): what the interpreter
-    cannot check (dynamic loop bounds, the per-chunk count store, the dots' shapes and dtypes)."""
+def test_triton_kernels_compile_for_gpu():
+    """Every Triton kernel of the fused conv path (forward conv, statistics merge and finalize, split-K wgrad,
+    dgrad, input grad, the tail's three) lowers to PTX for sm_90 without a GPU, bf16 activations (in a subprocess
+    without TRITON_INTERPRET): what the interpreter cannot check (dot shapes and dtypes, dynamic loop bounds,
+    stores of mixed dtypes)."""
     import subprocess
     import sys
 
@@ -395,7 +410,7 @@ def test_statistics_and_backward_kernels_compile_for_gpu():
     if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
         pytest.skip(f"no ptxas for Triton's NVIDIA backend: {proc.stderr[-300:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(" ok ") == 5
+    assert proc.stdout.count(" ok ") == 9
 
 
 def _batch_params(t, w, b):
