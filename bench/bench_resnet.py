@@ -15,6 +15,7 @@ backend it asks for, and whether --quick runs it:
   eager, resfused (resfused.convert: fused BN + add + ReLU), compile, resfused-compile    train and infer
   resfused-convbn-{triton,cuda}   resfused.convert(model, backend=..., fuse_convs=True)       train
   resfused-convbn-compile         the same (triton) under torch.compile                       train
+  resfused-convbn-recompute       the same with recompute=True, backend auto                 train
   resfused-fused-{cuda,triton,reference}   resfused.fuse_for_inference(model, backend=...)     infer
   compile (freezing, mode=default), compile-max-autotune (freezing, mode="max-autotune")      infer
 --quick leaves out the training compiles and compile-max-autotune (minutes of autotuning); its inference
@@ -55,9 +56,9 @@ def _fuse(model: nn.Module, backend: str) -> nn.Module:
     return resfused.fuse_for_inference(model, backend=backend)
 
 
-def _convert_convs(model: nn.Module, backend: Optional[str]) -> nn.Module:
+def _convert_convs(model: nn.Module, backend: Optional[str], recompute: bool = False) -> nn.Module:
     import resfused
-    return resfused.convert(model, backend=backend, fuse_convs=True)
+    return resfused.convert(model, backend=backend, fuse_convs=True, recompute=recompute)
 
 
 def _conv_bn_unavailable(backend: str) -> Callable[[torch.device], Optional[str]]:
@@ -133,6 +134,8 @@ MODEL_IMPLS: list[ModelImpl] = [
               backend="triton", unavailable=_conv_bn_unavailable("triton")),
     ModelImpl("resfused-convbn-compile", "train", functools.partial(_convert_convs, backend="triton"),
               backend="triton", compile=True, unavailable=_conv_bn_unavailable("triton"), in_quick=False),
+    ModelImpl("resfused-convbn-recompute", "train", functools.partial(_convert_convs, backend=None, recompute=True),
+              unavailable=_conv_bn_unavailable("triton")),
 ]
 
 MODEL_DTYPES = {  # name -> (row dtype, autocast dtype or None, layout)

@@ -120,7 +120,8 @@ def _apply(model: nn.Module, swap) -> nn.Module:
     return model
 
 
-def convert(model: nn.Module, backend: Optional[str] = None, fuse_convs: bool = False) -> nn.Module:
+def convert(model: nn.Module, backend: Optional[str] = None, fuse_convs: bool = False,
+            recompute: bool = False) -> nn.Module:
     """Replace every recognised ResNet block in ``model`` with a fused one, in place.
 
     torchvision BasicBlock/Bottleneck become resfused.nn.BasicBlock/Bottleneck; timm's
@@ -140,9 +141,14 @@ def convert(model: nn.Module, backend: Optional[str] = None, fuse_convs: bool = 
             in the consuming conv's prologue; resfused.ops.conv_bn) in training and eval. Blocks with
             SyncBatchNorm or unusual convs get the unfused conversion instead, logged once per reason.
             timm blocks are converted as without fuse_convs.
+        recompute: with fuse_convs, each fused block recomputes its last conv's output in backward instead of
+            saving it: less activation memory (an activation of the block output's size per block), one more
+            conv forward (the last 1x1 of a bottleneck) per block in training.
     """
     if backend is not None:
         _backend._check_name(backend)
+    if recompute and not fuse_convs:
+        raise ValueError("recompute=True needs fuse_convs=True (it recomputes the fused blocks' last conv)")
     tv, timm = _torchvision_resnet(), _timm_modules()
     if tv is None and timm is None:
         raise ImportError("resfused.convert needs torchvision (or timm) to recognise ResNet blocks")
@@ -153,8 +159,8 @@ def convert(model: nn.Module, backend: Optional[str] = None, fuse_convs: bool = 
         if fuse_convs:
             for cls in (tv.BasicBlock, tv.Bottleneck):
                 why_not, unfused = table[cls]
-                table[cls] = (why_not,
-                              lambda b, unfused=unfused: conv_bn_blocks.from_torchvision_or(b, unfused, backend))
+                table[cls] = (why_not, lambda b, unfused=unfused: conv_bn_blocks.from_torchvision_or(
+                    b, unfused, backend, recompute=recompute))
     if timm is not None:
         t_resnet, t_resnetv2, t_layers = timm
         table[t_resnet.BasicBlock] = (lambda b: _why_not_timm(b, 2),

@@ -456,7 +456,7 @@ def test_model_registry_and_quick_selection():
             ("eager", "infer"), ("resfused", "infer"), ("compile", "infer"), ("compile-max-autotune", "infer"),
             ("resfused-fused-cuda", "infer"), ("resfused-fused-triton", "infer"),
             ("resfused-convbn-triton", "train"), ("resfused-convbn-cuda", "train"),
-            ("resfused-convbn-compile", "train")} <= names
+            ("resfused-convbn-compile", "train"), ("resfused-convbn-recompute", "train")} <= names
     by_name = {(i.name, i.mode): i for i in mb.MODEL_IMPLS}
     assert by_name[("compile-max-autotune", "infer")].compile_label == "inductor, freezing, mode=max-autotune"
     assert by_name[("compile", "infer")].compile_label == "inductor, freezing, mode=default"
@@ -851,6 +851,11 @@ def test_convbn_rows_convert_with_fused_convs():
     import torchvision
     model = mb._convert_convs(torchvision.models.resnet50(), backend="reference")
     blocks = [m for m in model.modules() if isinstance(m, ConvBNBottleneck)]
-    assert len(blocks) == 16 and all(b.backend == "reference" for b in blocks)
+    assert len(blocks) == 16 and all(b.backend == "reference" and not b.recompute for b in blocks)
+    recompute = next(i for i in mb.MODEL_IMPLS if i.name == "resfused-convbn-recompute")
+    from resfused.nn import ConvBNBasicBlock
+    blocks = [m for m in recompute.prepare(torchvision.models.resnet18()).modules()
+              if isinstance(m, ConvBNBasicBlock)]
+    assert len(blocks) == 8 and all(b.recompute for b in blocks)
     why = mb._conv_bn_unavailable("triton")(torch.device("cpu"))
     assert why is not None and "GPU" in why

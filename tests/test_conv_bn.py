@@ -611,7 +611,55 @@ def test_block_two_sgd_steps_autocast(backend, label, dtype):
     _two_steps_against_stock(backend, label, "cl", dtype)
 
 
-def _two_steps_against_stock(backend, label, layout, autocast_dtype=None):
+@pytest.mark.parametrize("label", ["bottleneck_s1_ds", "basic_s1", "bottleneck_grouped_s2_ds"])
+def test_recompute_two_sgd_steps_float64(label):
+    """recompute=True (the last conv's output recomputed in backward, not saved): stock's results in float64."""
+    x = _input(4, BLOCKS[label][1], 8, 8, dtype=torch.float64)
+    ours = resfused.convert(_block(label).double(), backend="reference", fuse_convs=True, recompute=True)
+    assert ours.recompute and "recompute" in repr(ours)
+    _compare_float64(ours, _block(label).double(), x, _block_loss, 1e-10)
+
+
+@pytest.mark.parametrize("label", ["bottleneck_s2_ds", "basic_s2_ds"])
+@pytest.mark.parametrize("backend", FP32_BACKENDS)
+def test_recompute_two_sgd_steps_float32(backend, label):
+    """recompute=True on the fast backends: within twice stock float32's error, channels_last."""
+    _two_steps_against_stock(backend, label, "cl", recompute=True)
+
+
+def test_recompute_needs_fuse_convs_and_a_matching_spec():
+    with pytest.raises(ValueError, match="recompute=True needs fuse_convs=True"):
+        resfused.convert(_block("basic_s1"), recompute=True)
+    x, weight, pro, _, _, (s, p, g) = _conv_inputs("3x3_s1", torch.float32, "cl")
+    y, mean, invstd = op.conv_bn(x, weight, s, p, 1, g, prologue=pro, stats=True)
+    bn = op.BNParams(mean, invstd, torch.ones_like(mean), torch.zeros_like(mean), True)
+    wrong = op.ConvSpec(x, weight, 2, p, 1, g, pro, True)  # stride 2: not the conv that made y
+    with pytest.raises(ValueError, match="recompute_from does not describe the conv that produced y"):
+        op.bn_add_relu_tail(y, bn, torch.zeros_like(y), recompute_from=wrong)
+    with pytest.raises(TypeError, match="recompute_from must be a resfused.ops.conv_bn.ConvSpec"):
+        op.bn_add_relu_tail(y, bn, torch.zeros_like(y), recompute_from=(x, weight))
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["save", "recompute"])
+def test_fused_block_compiles_fullgraph(recompute):
+    """torch.compile(fullgraph=True, backend="aot_eager") of a fused bottleneck: no graph break, eager's outputs
+    and gradients."""
+    label = "bottleneck_s1_ds"
+    x = _input(4, BLOCKS[label][1], 8, 8)
+    blocks = [resfused.convert(_block(label), backend="reference", fuse_convs=True, recompute=recompute)
+              for _ in range(2)]
+    compiled = torch.compile(blocks[0], backend="aot_eager", fullgraph=True)
+    outs = []
+    for run, block in ((compiled, blocks[0]), (blocks[1], blocks[1])):
+        out = run(x.clone().requires_grad_())
+        _block_loss(out).backward()
+        outs.append((out.detach(), [p.grad for p in block.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+def _two_steps_against_stock(backend, label, layout, autocast_dtype=None, recompute=False):
     inplanes = BLOCKS[label][1]
     fmt = LAYOUTS[layout]
     x = _input(4, inplanes, 8, 8).contiguous(memory_format=fmt)
@@ -619,7 +667,7 @@ def _two_steps_against_stock(backend, label, layout, autocast_dtype=None):
     for key, dtype in (("ref", torch.float64), ("stock", torch.float32), ("ours", torch.float32)):
         model = _block(label).to(dtype=dtype, memory_format=fmt)
         if key == "ours":
-            model = resfused.convert(model, backend=backend, fuse_convs=True)
+            model = resfused.convert(model, backend=backend, fuse_convs=True, recompute=recompute)
         cast = autocast_dtype is not None and key != "ref"
         with torch.autocast(DEVICE.type, dtype=autocast_dtype or torch.bfloat16, enabled=cast):
             runs[key] = (*_train(model, x.to(dtype), _block_loss), model.state_dict())
@@ -775,6 +823,9 @@ def test_saved_activation_bytes_per_bottleneck():
     mask = n * out * ((hw + 7) // 8)  # nchw: (N*C, ceil(H*W/8)) bytes
     assert ours_bytes == elems * 4 + mask
     assert stock_bytes == (elems + n * hw * (width + width + out)) * 4
+    recompute_bytes = _saved_activation_bytes(resfused.convert(_block(label), fuse_convs=True, recompute=True),
+                                              x.clone())
+    assert recompute_bytes == (elems - n * hw * out) * 4 + mask  # y3 recomputed, not saved
 
 
 

@@ -11,6 +11,10 @@ resfused.ops.conv_bn:
                out = relu(bn3(y3) + (bn_d(yd) or x))  the tail (both BNs applied in one op)
   BasicBlock:  the same with two 3x3 convs.
 
+With ``recompute`` (resfused.convert(..., recompute=True)) the tail does not save the last conv's output (y3,
+y2 in a BasicBlock) for backward: it recomputes it there with the same conv from that conv's saved input,
+trading one more conv forward per block for an activation of the block's output size.
+
 Each BN's mode follows its own ``training`` flag, as nn.BatchNorm2d: training BNs use batch statistics and
 update running_mean/running_var/num_batches_tracked exactly as nn.BatchNorm2d (momentum, or the cumulative
 average when momentum is None; unbiased running variance); BNs in eval mode apply their running statistics
@@ -76,8 +80,10 @@ class _ConvBNBlock(nn.Module):
     _convs: tuple = ()
     _torchvision_name: str = ""
 
+    recompute: bool = False
+
     @classmethod
-    def from_torchvision(cls, block: nn.Module, backend: Optional[str] = None):
+    def from_torchvision(cls, block: nn.Module, backend: Optional[str] = None, recompute: bool = False):
         """Wrap a torchvision block's submodules (shared, same order and state_dict keys) in a fused block."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -87,6 +93,7 @@ class _ConvBNBlock(nn.Module):
             new.downsample = None
         new.stride = block.stride
         new.backend = None if backend is None else _backend._check_name(backend)
+        new.recompute = bool(recompute)
         new.training = block.training
         return new
 
@@ -108,19 +115,22 @@ class _ConvBNBlock(nn.Module):
         return new
 
     def extra_repr(self) -> str:
-        return "fused conv + BN" + ("" if self.backend is None else f", backend={self.backend!r}")
+        return ("fused conv + BN" + ("" if self.backend is None else f", backend={self.backend!r}")
+                + (", recompute" if self.recompute else ""))
 
     def _conv(self, x, conv: nn.Conv2d, prologue: Optional[_op.BNParams], bn: nn.BatchNorm2d):
+        """(y, mean, invstd, spec): the fused conv's outputs and the ConvSpec that recomputes y."""
         stats, running_mean, running_var, momentum, bump = _producer_args(bn)
         weight = conv.weight
         if weight.dtype != x.dtype and _autocast_dtype(x) == x.dtype:
             weight = weight.to(x.dtype)  # as autocast casts a stock conv's weight; the fp32 master gets the grad
-        out = _op.conv_bn(x, weight, conv.stride, conv.padding, conv.dilation, conv.groups, prologue=prologue,
-                          stats=stats, running_mean=running_mean, running_var=running_var, momentum=momentum,
-                          eps=bn.eps, backend=self.backend)
+        y, mean, invstd = _op.conv_bn(x, weight, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                      prologue=prologue, stats=stats, running_mean=running_mean,
+                                      running_var=running_var, momentum=momentum, eps=bn.eps, backend=self.backend)
         if bump:
             bn.num_batches_tracked.add_(1)
-        return out
+        spec = _op.ConvSpec(x, weight, conv.stride, conv.padding, conv.dilation, conv.groups, prologue, stats)
+        return y, mean, invstd, spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Check the block input before the first op updates bn1's running stats: bad input changes no state.
@@ -132,19 +142,21 @@ class _ConvBNBlock(nn.Module):
         amp = _autocast_dtype(x)
         if amp is not None:  # the custom ops have no autocast rule: cast as autocast would for the stock convs
             x = x.to(amp)
-        y, mean, invstd = self._conv(x, self.conv1, None, self.bn1)
+        y, mean, invstd, spec = self._conv(x, self.conv1, None, self.bn1)
         prev_bn = self.bn1
         for i in range(2, len(self._convs) + 1):
             conv, bn = getattr(self, f"conv{i}"), getattr(self, f"bn{i}")
-            y, mean, invstd = self._conv(y, conv, _consumer_params(prev_bn, mean, invstd), bn)
+            y, mean, invstd, spec = self._conv(y, conv, _consumer_params(prev_bn, mean, invstd), bn)
             prev_bn = bn
         last = _consumer_params(prev_bn, mean, invstd)
+        recompute_from = spec if self.recompute and torch.is_grad_enabled() else None
         if fusable_downsample(self.downsample):
             conv_d, bn_d = self.downsample[0], self.downsample[1]
-            yd, mean_d, invstd_d = self._conv(x, conv_d, None, bn_d)
-            return _op.bn_add_relu_tail(y, last, yd, _consumer_params(bn_d, mean_d, invstd_d), backend=self.backend)
+            yd, mean_d, invstd_d, _ = self._conv(x, conv_d, None, bn_d)
+            return _op.bn_add_relu_tail(y, last, yd, _consumer_params(bn_d, mean_d, invstd_d), backend=self.backend,
+                                        recompute_from=recompute_from)
         identity = x if self.downsample is None else self.downsample(x)
-        return _op.bn_add_relu_tail(y, last, identity, backend=self.backend)
+        return _op.bn_add_relu_tail(y, last, identity, backend=self.backend, recompute_from=recompute_from)
 
 
 class ConvBNBasicBlock(_ConvBNBlock):
@@ -179,12 +191,13 @@ def why_not_fused(block: nn.Module) -> Optional[str]:
     return None
 
 
-def from_torchvision_or(block: nn.Module, unfused, backend: Optional[str] = None) -> nn.Module:
+def from_torchvision_or(block: nn.Module, unfused, backend: Optional[str] = None,
+                        recompute: bool = False) -> nn.Module:
     """ConvBNBasicBlock/ConvBNBottleneck for a torchvision block, else ``unfused(block)`` (the converted block
     without conv fusion), with one log line per reason."""
     why = why_not_fused(block)
     if why is None:
-        return _BLOCK_TYPES[type(block).__name__].from_torchvision(block, backend=backend)
+        return _BLOCK_TYPES[type(block).__name__].from_torchvision(block, backend=backend, recompute=recompute)
     msg = f"resfused.convert(fuse_convs=True): {type(block).__name__} runs without conv fusion: {why}"
     if msg not in _logged:
         _logged.add(msg)

@@ -195,27 +195,40 @@ class ConvBNTailFunction(torch.autograd.Function):
     """relu(bn(y) + residual) or relu(bn(y) + bn_d(residual)); arguments already validated.
 
     Saves y, the residual only when its BN is fused here (the shortcut conv's pre-BN output), the statistics
-    and the packed 1-bit ReLU mask.
+    and the packed 1-bit ReLU mask. With ``recompute`` (the conv that produced y: its input, weight, prologue
+    vectors and (stride, padding, dilation, groups, prologue, stats)) y is not saved: backward recomputes it
+    with that conv (same op, same kernel; no statistics kept, no running stats touched). The conv's input and
+    weight are saved by the conv's own node already, so this saves an activation of y's size.
     """
 
     @staticmethod
     def forward(ctx, y, mean, invstd, weight, bias, residual, res_mean, res_invstd, res_weight, res_bias, residual_bn,
-                training, res_training, backend):
+                training, res_training, backend, rc_x, rc_weight, rc_in_mean, rc_in_invstd, rc_in_weight, rc_in_bias,
+                recompute):
         out, mask = torch.ops.resfused.conv_bn_tail_forward(y, mean, invstd, weight, bias, residual, res_mean,
                                                             res_invstd, res_weight, res_bias, residual_bn, backend)
         ctx.set_materialize_grads(False)
         # Without a BN on the residual, backward needs only its shape: save an empty stand-in, not the tensor.
         saved_res = residual if residual_bn else residual.new_empty((0,))
-        ctx.save_for_backward(y, mean, invstd, weight, saved_res, res_mean, res_invstd, res_weight, mask)
-        ctx.conf = (residual_bn, training, res_training, backend, residual.shape, residual.stride())
+        saved_y = y if recompute is None else y.new_empty((0,))
+        ctx.save_for_backward(saved_y, mean, invstd, weight, saved_res, res_mean, res_invstd, res_weight, mask,
+                              rc_x, rc_weight, rc_in_mean, rc_in_invstd, rc_in_weight, rc_in_bias)
+        ctx.conf = (residual_bn, training, res_training, backend, residual.shape, residual.stride(), recompute)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         if grad_out is None:
-            return (None,) * 14
-        y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight, mask = ctx.saved_tensors
-        residual_bn, training, res_training, backend, res_shape, res_stride = ctx.conf
+            return (None,) * 21
+        (y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight, mask,
+         rc_x, rc_weight, rc_in_mean, rc_in_invstd, rc_in_weight, rc_in_bias) = ctx.saved_tensors
+        residual_bn, training, res_training, backend, res_shape, res_stride, recompute = ctx.conf
+        if recompute is not None:
+            stride, padding, dilation, groups, prologue, stats = recompute
+            with torch.no_grad():
+                y = torch.ops.resfused.conv_bn_forward(rc_x, rc_weight, rc_in_mean, rc_in_invstd, rc_in_weight,
+                                                       rc_in_bias, None, None, stride, padding, dilation, groups,
+                                                       prologue, stats, 0.0, 1e-5, backend)[0]
         if not residual_bn:
             residual = torch.empty_strided(res_shape, res_stride, dtype=y.dtype, device=y.device)
         nig = ctx.needs_input_grad
@@ -227,12 +240,29 @@ class ConvBNTailFunction(torch.autograd.Function):
             res_training, need_y, need_aff, need_res, need_raff, backend)
         return (gy if need_y else None, None, None, gw if nig[3] else None, gb if nig[4] else None,
                 gr if need_res else None, None, None, grw if residual_bn and nig[8] else None,
-                grb if residual_bn and nig[9] else None, None, None, None, None)
+                grb if residual_bn and nig[9] else None) + (None,) * 11
 
 
 # ---------------------------------------------------------------------------------------------------
 # validation, backend choice, public entry points
 # ---------------------------------------------------------------------------------------------------
+
+class ConvSpec(NamedTuple):
+    """How a tensor was produced by ``conv_bn``: its input, weight, geometry and prologue, as passed to it.
+
+    ``bn_add_relu_tail(..., recompute_from=spec)`` saves these (already saved by the conv itself) instead of
+    the tail's input, and recomputes the input in backward. ``stats``: whether that conv_bn call had stats=True
+    (the recompute runs the same kernel).
+    """
+    x: Tensor
+    weight: Tensor
+    stride: object
+    padding: object
+    dilation: object
+    groups: int
+    prologue: Optional["BNParams"]
+    stats: bool
+
 
 class BNParams(NamedTuple):
     """A BatchNorm as applied by a fused prologue or tail: ``(x - mean) * weight * invstd + bias``.
@@ -373,12 +403,14 @@ def conv_bn(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, groups: 
 
 
 def bn_add_relu_tail(y: Tensor, bn: BNParams, residual: Tensor, residual_bn: Optional[BNParams] = None,
-                     backend: Optional[str] = None) -> Tensor:
+                     backend: Optional[str] = None, recompute_from: Optional[ConvSpec] = None) -> Tensor:
     """``relu(bn(y) + residual)``, or ``relu(bn(y) + residual_bn(residual))`` (a projection shortcut's BN).
 
     y: (N, C, H, W) pre-BN conv output; residual: y's shape, dtype and device (copied to y's memory format);
     bn/residual_bn: BNParams of y / the residual (batch statistics from conv_bn(stats=True) in training,
-    running statistics in eval). Returns a tensor like y.
+    running statistics in eval). recompute_from: the ConvSpec of the conv_bn call that produced y; then y is
+    not saved for backward but recomputed there (one more conv forward; y's activation memory saved).
+    Returns a tensor like y.
     """
     if not isinstance(y, Tensor) or y.dim() != 4 or y.dtype not in _FLOAT_DTYPES:
         raise ValueError("y must be a 4-D floating-point tensor")
@@ -391,6 +423,9 @@ def bn_add_relu_tail(y: Tensor, bn: BNParams, residual: Tensor, residual_bn: Opt
     _check_bn("residual_bn", residual_bn, y.shape[1], y.device)
     name = resolve(backend, y)
     st = _layout.stats_dtype(y.dtype)
+    rc_tensors, recompute = [None] * 6, None
+    if recompute_from is not None:
+        rc_tensors, recompute = _recompute_args(recompute_from, y, st)
     y = _dense(y)
     residual = residual.contiguous(memory_format=_layout.memory_format(_layout.layout_of(y)))
     vecs = [v.to(st) for v in (bn.mean, bn.invstd, bn.weight, bn.bias)]
@@ -399,4 +434,25 @@ def bn_add_relu_tail(y: Tensor, bn: BNParams, residual: Tensor, residual_bn: Opt
     else:
         rvecs = [None] * 4
     return ConvBNTailFunction.apply(y, *vecs, residual, *rvecs, residual_bn is not None, bool(bn.training),
-                                    bool(residual_bn.training) if residual_bn is not None else False, name)
+                                    bool(residual_bn.training) if residual_bn is not None else False, name,
+                                    *rc_tensors, recompute)
+
+
+def _recompute_args(spec: ConvSpec, y: Tensor, st: torch.dtype):
+    """(the six tensors, the conf tuple) ConvBNTailFunction recomputes y with; checks spec describes y."""
+    if not isinstance(spec, ConvSpec):
+        raise TypeError(f"recompute_from must be a resfused.ops.conv_bn.ConvSpec or None, got {type(spec).__name__}")
+    x, weight = _dense(spec.x), _dense(spec.weight)
+    stride, padding = _pair("stride", spec.stride, 1), _pair("padding", spec.padding, 0)
+    dilation = _pair("dilation", spec.dilation, 1)
+    if x.dim() != 4 or weight.dim() != 4 or x.dtype != y.dtype or weight.dtype != y.dtype \
+            or output_shape(x.shape, weight.shape, stride, padding, dilation) != tuple(y.shape):
+        raise ValueError("recompute_from does not describe the conv that produced y (shapes or dtypes differ)")
+    _check_bn("recompute_from.prologue", spec.prologue, x.shape[1], x.device)
+    if spec.prologue is not None:
+        vecs = [v.to(st) for v in (spec.prologue.mean, spec.prologue.invstd, spec.prologue.weight,
+                                   spec.prologue.bias)]
+    else:
+        vecs = [None] * 4
+    conf = (stride, padding, dilation, int(spec.groups), spec.prologue is not None, bool(spec.stats))
+    return [x, weight, *vecs], conf
