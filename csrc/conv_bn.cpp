@@ -215,30 +215,41 @@ class GraphBuilder {
     return conv;
   }
 
+  // The conv's attribute names, in the order of conv_op's tensor arguments: two inputs, the output, the conv
+  // descriptor, alpha, beta.
+  struct ConvAttrs {
+    cudnnBackendDescriptorType_t type;
+    const char* what;
+    cudnnBackendAttributeName_t in0, in1, out, desc, alpha, beta;
+  };
+
   void conv_forward(const DescPtr& x, const DescPtr& w, const DescPtr& y, const Geometry& g) {
-    auto conv = convolution(g);
-    const float alpha = 1.0f, beta = 0.0f;
-    auto op = make(CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR, "conv fprop operation");
-    op->set_desc(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X, *x)
-        .set_desc(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W, *w)
-        .set_desc(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y, *y)
-        .set_desc(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC, *conv)
-        .set(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA, CUDNN_TYPE_FLOAT, 1, &alpha)
-        .set(CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA, CUDNN_TYPE_FLOAT, 1, &beta);
-    op->finalize();
-    ops_.push_back(op);
+    conv_op({CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR, "conv fprop operation",
+             CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W,
+             CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC,
+             CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA, CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA},
+            x, w, y, g);
   }
 
   void conv_wgrad(const DescPtr& x, const DescPtr& dy, const DescPtr& dw, const Geometry& g) {
+    conv_op({CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR, "conv wgrad operation",
+             CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_X, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DY,
+             CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DW, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_CONV_DESC,
+             CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_ALPHA, CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_BETA},
+            x, dy, dw, g);
+  }
+
+  // out = conv(in0, in1) with alpha 1, beta 0 (out is overwritten, not accumulated into).
+  void conv_op(const ConvAttrs& a, const DescPtr& in0, const DescPtr& in1, const DescPtr& out, const Geometry& g) {
     auto conv = convolution(g);
     const float alpha = 1.0f, beta = 0.0f;
-    auto op = make(CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR, "conv wgrad operation");
-    op->set_desc(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_X, *x)
-        .set_desc(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DY, *dy)
-        .set_desc(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DW, *dw)
-        .set_desc(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_CONV_DESC, *conv)
-        .set(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_ALPHA, CUDNN_TYPE_FLOAT, 1, &alpha)
-        .set(CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_BETA, CUDNN_TYPE_FLOAT, 1, &beta);
+    auto op = make(a.type, a.what);
+    op->set_desc(a.in0, *in0)
+        .set_desc(a.in1, *in1)
+        .set_desc(a.out, *out)
+        .set_desc(a.desc, *conv)
+        .set(a.alpha, CUDNN_TYPE_FLOAT, 1, &alpha)
+        .set(a.beta, CUDNN_TYPE_FLOAT, 1, &beta);
     op->finalize();
     ops_.push_back(op);
   }
