@@ -171,7 +171,8 @@ else
   run_step build 200 0 env MAX_JOBS="${MAX_JOBS:-$(nproc)}" RESFUSED_FORCE_CUDA_BUILD=1 ${ARCH:+TORCH_CUDA_ARCH_LIST="$ARCH"} \
     "$PY" -m pip install --no-build-isolation --no-deps -e .
   run_step info 40 0 bash -c "'$PY' -m resfused && '$PY' -c 'import resfused, sys; b = resfused.available_backends(); print(\"available backends:\", b); sys.exit(0 if {\"cuda\", \"triton\"} <= set(b) else \"cuda and triton backends must both be available on a GPU\")'"
-  run_step tests 150 0 "$PY" -m pytest tests -q -rfE -p no:cacheprovider --durations=15 ${XDIST[@]+"${XDIST[@]}"} \
+  # -v: one line per test as it ends, so a run cut short by the timeout still says what passed and what hung.
+  run_step tests 150 0 "$PY" -m pytest tests -v -rfE -p no:cacheprovider --durations=15 ${XDIST[@]+"${XDIST[@]}"} \
     ${EXTRA_PYTEST[@]+"${EXTRA_PYTEST[@]}"}
   if [ -f "$SANITIZE_CASE" ] && [ -x "$SANITIZER" ]; then
     run_step memcheck 60 0 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 86 \
