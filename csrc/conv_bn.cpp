@@ -57,6 +57,7 @@
 #include <string>
 #include <tuple>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 // The graph API's handle attributes are marked deprecated in recent cuDNN 9 releases but still required by
@@ -609,6 +610,23 @@ std::string describe(const Plan& plan) {
   return "unfused: " + plan.unsupported;
 }
 
+void check_x(const Tensor& x) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 4, "conv_bn (cuda): x must be a 4-D CUDA tensor");
+  cudnn_dtype(x.scalar_type());
+}
+
+// The prologue's (scale, shift), checked and 16-byte aligned; both empty without a prologue.
+std::pair<std::optional<Tensor>, std::optional<Tensor>> prologue_vectors(const std::optional<Tensor>& scale,
+                                                                         const std::optional<Tensor>& shift,
+                                                                         const Tensor& x) {
+  TORCH_CHECK(scale.has_value() == shift.has_value(), "conv_bn (cuda): scale and shift must be given together");
+  if (scale.has_value()) {
+    check_vector(scale, "scale", x);
+    check_vector(shift, "shift", x);
+  }
+  return {aligned_vector(scale), aligned_vector(shift)};
+}
+
 // ------------------------------------------------------------------------------------------------------
 // the ops
 // ------------------------------------------------------------------------------------------------------
@@ -618,16 +636,10 @@ std::tuple<Tensor, Tensor, Tensor> conv_bn_forward(const Tensor& x, const Tensor
                                                    const std::optional<Tensor>& shift_in, IntArrayRef stride,
                                                    IntArrayRef padding, IntArrayRef dilation, int64_t groups,
                                                    bool stats) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 4, "conv_bn (cuda): x must be a 4-D CUDA tensor");
-  cudnn_dtype(x.scalar_type());
+  check_x(x);
   const Tensor weight = like_x(weight_in, "weight", x);
-  const bool prologue = scale_in.has_value();
-  TORCH_CHECK(prologue == shift_in.has_value(), "conv_bn (cuda): scale and shift must be given together");
-  if (prologue) {
-    check_vector(scale_in, "scale", x);
-    check_vector(shift_in, "shift", x);
-  }
-  const std::optional<Tensor> scale = aligned_vector(scale_in), shift = aligned_vector(shift_in);
+  const auto [scale, shift] = prologue_vectors(scale_in, shift_in, x);
+  const bool prologue = scale.has_value();
   const Geometry g = geometry(stride, padding, dilation, groups);
   TORCH_CHECK(weight.size(1) * groups == x.size(1) && weight.size(0) % groups == 0, "conv_bn (cuda): weight of shape ",
               weight.sizes(), " with groups=", groups, " does not fit x's ", x.size(1), " channels");
@@ -668,16 +680,10 @@ std::tuple<Tensor, Tensor, Tensor> conv_bn_forward(const Tensor& x, const Tensor
 Tensor conv_bn_wgrad(const Tensor& grad_y_in, const Tensor& x, const std::optional<Tensor>& scale_in,
                      const std::optional<Tensor>& shift_in, IntArrayRef weight_size, IntArrayRef stride,
                      IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 4, "conv_bn (cuda): x must be a 4-D CUDA tensor");
-  cudnn_dtype(x.scalar_type());
+  check_x(x);
   const Tensor grad_y = like_x(grad_y_in, "grad_y", x);
-  const bool prologue = scale_in.has_value();
-  TORCH_CHECK(prologue == shift_in.has_value(), "conv_bn (cuda): scale and shift must be given together");
-  if (prologue) {
-    check_vector(scale_in, "scale", x);
-    check_vector(shift_in, "shift", x);
-  }
-  const std::optional<Tensor> scale = aligned_vector(scale_in), shift = aligned_vector(shift_in);
+  const auto [scale, shift] = prologue_vectors(scale_in, shift_in, x);
+  const bool prologue = scale.has_value();
   TORCH_CHECK(weight_size.size() == 4, "conv_bn (cuda): weight_size must have four entries");
   const Geometry g = geometry(stride, padding, dilation, groups);
   TORCH_CHECK(IntArrayRef(output_sizes(x, weight_size, g)) == grad_y.sizes(), "conv_bn (cuda): grad_y has shape ",
@@ -708,8 +714,7 @@ Tensor conv_bn_wgrad(const Tensor& grad_y_in, const Tensor& x, const std::option
 // "unfused: <why>". Builds and caches the plan; runs nothing on the GPU.
 std::string conv_bn_plan(const Tensor& x, const Tensor& weight_in, bool prologue, IntArrayRef stride,
                          IntArrayRef padding, IntArrayRef dilation, int64_t groups, bool stats, c10::string_view op) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 4, "conv_bn (cuda): x must be a 4-D CUDA tensor");
-  cudnn_dtype(x.scalar_type());
+  check_x(x);
   const Tensor weight = like_x(weight_in, "weight", x);
   const Geometry g = geometry(stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard device_guard(x.device());
