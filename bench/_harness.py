@@ -30,8 +30,12 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from ._schema import (CPU_NOTE, CPU_RESULTS_DIR, RESULTS_DIR, ROOT, add_derived, add_error,  # noqa: F401
-                      add_skipped, default_json_path, load_result, validate, write_result)
+from ._schema import (CPU_NOTE, CPU_RESULTS_DIR, RESULTS_DIR, ROOT, add_derived, add_error, add_row,  # noqa: F401
+                      add_skipped, attach_sink, default_json_path, flush, load_result, validate, write_result)
+
+
+# bench/run.py --simulate sets this: the GPU plan rehearsed on the CPU (Triton rows run in the interpreter).
+SIMULATE = False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -55,10 +59,14 @@ class Timing:
     p50_ms: float
     p80_ms: float
     reps: int
+    # Per-call wall time of back-to-back calls (launch overhead included), where the timer measures it: on a
+    # GPU a kernel as short as its launch (BN at 2048x7x7) is launch-bound in a real program.
+    wall_ms: Optional[float] = None
 
     @classmethod
-    def from_samples(cls, samples_ms: Sequence[float]) -> "Timing":
-        return cls(quantile(samples_ms, 0.2), quantile(samples_ms, 0.5), quantile(samples_ms, 0.8), len(samples_ms))
+    def from_samples(cls, samples_ms: Sequence[float], wall_ms: Optional[float] = None) -> "Timing":
+        return cls(quantile(samples_ms, 0.2), quantile(samples_ms, 0.5), quantile(samples_ms, 0.8), len(samples_ms),
+                   wall_ms)
 
 
 class _Rotation:
@@ -131,7 +139,13 @@ class CudaEventTimer:
                 call()
                 ends[j].record()
         torch.cuda.synchronize()
-        return Timing.from_samples([s.elapsed_time(e) for s, e in zip(starts, ends)])
+        samples = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        n_wall = max(3, min(n_rep, self.chunk))
+        t0 = time.perf_counter()
+        for _ in range(n_wall):
+            call()
+        torch.cuda.synchronize()
+        return Timing.from_samples(samples, wall_ms=(time.perf_counter() - t0) * 1e3 / n_wall)
 
 
 class DoBenchTimer:
@@ -170,7 +184,7 @@ class WallTimer:
             t0 = time.perf_counter()
             call()
             samples.append((time.perf_counter() - t0) * 1e3)
-        return Timing.from_samples(samples)
+        return Timing.from_samples(samples, wall_ms=quantile(samples, 0.5))
 
 
 class FakeTimer:
@@ -188,7 +202,7 @@ class FakeTimer:
             fn(i)
         self.keys.append(key)
         ms = float(self.ms(key) if callable(self.ms) else self.ms)
-        return Timing(0.9 * ms, ms, 1.1 * ms, reps=max(1, n_inputs))
+        return Timing(0.9 * ms, ms, 1.1 * ms, reps=max(1, n_inputs), wall_ms=1.2 * ms)
 
 
 def copy_bandwidth_GBps(device: torch.device, timer, nbytes: Optional[int] = None) -> float:
@@ -231,15 +245,24 @@ def _git(*args: str) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+# Written by bench/git_sha_stamp.sh (installed as a post-commit/post-checkout hook by `make hooks`) and by
+# `bash bench/gpu_check.sh --dry-run`: "<sha>[ dirty]". Git-ignored; a device run carries it (carry: .git-sha).
+GIT_SHA_STAMP = ROOT / ".git-sha"
+
+
 def git_state() -> tuple[Optional[str], Optional[bool]]:
-    """(sha, dirty). GIT_SHA in the environment wins: a copied tree without .git can still say which
-    commit it is."""
+    """(sha, dirty). GIT_SHA in the environment wins (a copied tree without .git can still say which commit it
+    is), then git itself, then the stamp file GIT_SHA_STAMP written at commit time."""
     env = os.environ.get("GIT_SHA")
     if env:
         return env, None
     sha = _git("rev-parse", "HEAD")
     if sha is None:
-        return None, None
+        try:
+            words = GIT_SHA_STAMP.read_text().split()
+        except OSError:
+            return None, None
+        return (words[0], "dirty" in words[1:]) if words else (None, None)
     status = _git("status", "--porcelain", "--untracked-files=no")
     return sha, (bool(status) if status is not None else None)
 
@@ -250,6 +273,30 @@ def device_name(device: torch.device) -> str:
         return f"{props.name} (sm_{props.major}{props.minor})"
     cpu = platform.processor() or platform.machine()
     return f"CPU: {cpu}, {os.cpu_count()} cores (no CUDA device)"
+
+
+_NVIDIA_SMI_FIELDS = ("name", "driver_version", "clocks.sm", "clocks.mem", "clocks.max.sm", "clocks.max.mem",
+                      "power.limit", "temperature.gpu", "persistence_mode")
+
+
+def gpu_environment(device: torch.device) -> dict:
+    """Driver, clocks (MHz, now and max), power limit and device properties of a CUDA device; {} on CPU."""
+    if device.type != "cuda":
+        return {}
+    props = torch.cuda.get_device_properties(device)
+    info: dict = {"sm_count": props.multi_processor_count, "total_memory_GiB": round(props.total_memory / 2**30, 1),
+                  "l2_cache_MiB": round(l2_cache_bytes(device) / 2**20, 1)}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        out = subprocess.run(["nvidia-smi", f"--id={index}", f"--query-gpu={','.join(_NVIDIA_SMI_FIELDS)}",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
+        values = [v.strip() for v in out.stdout.strip().splitlines()[0].split(",")] if out.returncode == 0 else []
+    except (OSError, subprocess.SubprocessError, IndexError):
+        values = []
+    if len(values) == len(_NVIDIA_SMI_FIELDS):
+        info["nvidia_smi"] = dict(zip(_NVIDIA_SMI_FIELDS, values))
+        info["driver"] = values[1]
+    return info
 
 
 def environment(device: torch.device) -> dict:
@@ -273,6 +320,7 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "git_sha": sha,
         "git_dirty": dirty,
+        **gpu_environment(device),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 

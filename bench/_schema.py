@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -30,22 +31,51 @@ CPU_NOTE = ("CPU run (no CUDA device): reference-path timings on small shapes. T
             "performance numbers and say nothing about the CUDA or Triton kernels.")
 
 
+SINK_KEY = "_sink"  # a document's file while it is being filled (not written into the JSON)
+
+
+def attach_sink(doc: dict, path: Path) -> Path:
+    """From now on every add_row / add_skipped / add_error rewrites ``path`` (atomically), so a run that is
+    killed (SIGKILL, a crash, the device's time limit) leaves a valid JSON holding every row done so far."""
+    doc[SINK_KEY] = Path(path)
+    return flush(doc)
+
+
+def flush(doc: dict) -> Optional[Path]:
+    """Rewrite the document's sink file, derived columns included (no-op without a sink)."""
+    path = doc.get(SINK_KEY)
+    if path is None:
+        return None
+    add_derived(doc)
+    return write_result(doc, path)
+
+
+def add_row(doc: dict, row: dict) -> None:
+    doc["rows"].append(row)
+    flush(doc)
+
+
 def add_skipped(doc: dict, suite: str, impl: str, reason: str, what: str = "") -> None:
     """Record that ``impl`` did not run (once per suite/impl/reason, counting the cases)."""
     for s in doc["skipped"]:
         if (s["suite"], s["impl"], s["reason"]) == (suite, impl, reason):
             s["cases"] += 1
-            return
-    doc["skipped"].append({"suite": suite, "impl": impl, "reason": reason, "cases": 1, "first_case": what})
+            break
+    else:
+        doc["skipped"].append({"suite": suite, "impl": impl, "reason": reason, "cases": 1, "first_case": what})
+    flush(doc)
 
 
 def add_error(doc: dict, fields: dict, exc: BaseException) -> None:
     msg = f"{type(exc).__name__}: {exc}"
     doc["errors"].append({**fields, "error": msg[:2000]})
+    flush(doc)
 
 
 def _baseline_key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in ("suite", "op", "mode", "shape", "dtype", "layout"))
+    """Rows compared with each other: the same case under the same precision regime (a model row's
+    param_dtype: bf16 parameters are compared with stock at bf16 parameters, autocast with autocast)."""
+    return tuple(row.get(k) for k in ("suite", "op", "mode", "shape", "dtype", "layout", "param_dtype"))
 
 
 def add_derived(doc: dict) -> None:
@@ -111,8 +141,9 @@ def write_result(doc: dict, path: Path) -> Path:
         raise ValueError("result document does not match the schema: " + "; ".join(problems[:5]))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    body = {k: v for k, v in doc.items() if k != SINK_KEY}
+    tmp.write_text(json.dumps(body, indent=1, sort_keys=False, default=str) + "\n")
     tmp.replace(path)
     return path
 

@@ -25,6 +25,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import _harness
+
 BYTES_MODEL = """\
 Minimum-bytes model (GBps = bytes / median time). E = N*C*H*W elements of s bytes (2 for bf16/fp16,
 4 for fp32); r = 1 with a residual z, else 0; per-channel vectors (weight, bias, statistics; O(C))
@@ -66,11 +68,18 @@ SELECTIONS = {  # (gpu, quick) -> what run.py times by default
     (False, True): dict(ops=("batch_norm_add_relu",), modes=MODES, shapes=((256, 56, 56), (2048, 7, 7)),
                         dtypes=("fp32",), batch=2),
 }
+# The headline (bench/gpu_check.sh's first bench step, bench/run.py --headline): the fused op's training step and
+# eval forward at three ResNet-50 shapes in bf16 channels_last, and one fp32 NCHW shape. A list of selections
+# (kernel_cases of each, in order); on CPU (--simulate) the same cases at batch 2.
+HEADLINE = (dict(ops=("batch_norm_add_relu",), modes=("train_fwd_bwd", "eval_fwd"),
+                 shapes=((256, 56, 56), (1024, 14, 14), (2048, 7, 7)), dtypes=("bf16",)),
+            dict(ops=("batch_norm_add_relu",), modes=("train_fwd_bwd", "eval_fwd"), shapes=((256, 56, 56),),
+                 dtypes=("fp32",)))
+# Rows the path field describes for eager and compile (the resfused rows ask the backend which path ran).
+EAGER_PATH = "F.batch_norm (cuDNN or ATen native) + add_ + relu_"
+COMPILE_LABEL = "inductor, fullgraph=True, dynamic=False, mode=default"
 
 MOMENTUM, EPS = 0.1, 1e-5
-# Norm-relative tolerance of an implementation's outputs against eager's: loose enough for rounding
-# and the odd ReLU flip, tight enough that a wrong kernel is not timed as if it were right.
-CHECK_TOL = {"bf16": 5e-2, "fp16": 1e-2, "fp32": 1e-3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +196,7 @@ def impl_unavailable_reason(impl: str, device: torch.device, dtype: Optional[tor
         backend = impl.split("-", 1)[1]
         if backend not in ("cuda", "triton", "reference"):
             return f"unknown resfused backend {backend!r}"
-        if backend == "triton" and device.type == "cpu":
+        if backend == "triton" and device.type == "cpu" and not _harness.SIMULATE:
             return "CPU run: the Triton backend runs on CPU only in the interpreter, a correctness tool; not timed"
         return _backend.unavailable_reason(backend, device, dtype)
     return f"unknown implementation {impl!r}"
@@ -200,7 +209,7 @@ def make_forward(impl: str) -> Callable:
     if impl == "eager":
         return eager_bn_add_relu
     if impl == "compile":
-        return torch.compile(eager_bn_add_relu, dynamic=False)
+        return torch.compile(eager_bn_add_relu, dynamic=False, fullgraph=True)
     if impl.startswith("resfused-"):
         return functools.partial(_resfused_bn_add_relu, backend=impl.split("-", 1)[1])
     raise ValueError(f"unknown implementation {impl!r}")
@@ -269,42 +278,59 @@ def make_step(forward: Callable, case: KernelCase, inp: KernelInputs) -> Callabl
     return step
 
 
-def nrel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Norm-relative difference of a against b, in float32."""
-    b32 = b.detach().float()
-    return ((a.detach().float() - b32).norm() / b32.norm().clamp_min(1e-30)).item()
-
-
-def max_nrel(out, ref) -> float:
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
-    if len(outs) != len(refs):
-        raise AssertionError(f"{len(outs)} outputs, eager gives {len(refs)}")
-    return max(nrel(a, b) for a, b in zip(outs, refs))
-
-
 def _detach(out):
     return tuple(t.detach() for t in out) if isinstance(out, (tuple, list)) else out.detach()
+
+
+def reference_outputs(case: KernelCase, inp: KernelInputs) -> tuple:
+    """(float64 result, eager's result) of ``case`` on input set 0: the correctness gate's two references."""
+    from ._gate import to_float64
+
+    x, z, g, w, b, rm, rv = to_float64([inp.xs[0], inp.zs[0] if case.residual else None,
+                                        inp.grads[0] if inp.grads else None, inp.weight, inp.bias,
+                                        inp.running_mean, inp.running_var])
+    inp64 = KernelInputs([x], [z] if z is not None else [], [g] if g is not None else [], w, b, rm, rv)
+    ref64 = _detach(make_step(eager_bn_add_relu, case, inp64)(0))
+    return ref64, _detach(make_step(eager_bn_add_relu, case, inp)(0))
+
+
+def path_of(impl: str, case: KernelCase, inp: KernelInputs) -> str:
+    """What actually ran for ``impl`` (call after its first call): the CUDA planner's scheme, the Triton
+    configs, or what eager and compile are."""
+    from . import _gate
+
+    if impl == "resfused-cuda":
+        return _gate.cuda_bn_path(inp.xs[0], case.training)
+    if impl == "resfused-triton":
+        return _gate.triton_path()
+    if impl == "compile":
+        return COMPILE_LABEL
+    if impl == "eager":
+        return EAGER_PATH
+    return impl
 
 
 def run_kernel_suite(doc: dict, cases: Sequence[KernelCase], impls: Sequence[str], device: torch.device, timer,
                      show_progress: bool = True, check: bool = True) -> None:
     """Time every (case, impl) and append rows to ``doc``; an impl that cannot run goes to
-    doc["skipped"] with its reason, one that fails (or disagrees with eager) to doc["errors"]."""
-    from . import _harness
+    doc["skipped"] with its reason, one that fails (or fails the correctness gate, bench/_gate.py) to
+    doc["errors"]. Each row records the path that ran and, from timers that measure it, the per-call wall
+    time of back-to-back calls beside the CUDA-event time."""
+    from . import _gate, _harness
 
     l2 = _harness.l2_cache_bytes(device)
     work = [(case, impl) for case in cases for impl in impls]
     inputs: Optional[KernelInputs] = None
     current: Optional[KernelCase] = None
-    ref = input_error = None
+    refs = input_error = None
     for case, impl in _harness.progress(work, len(work), "kernel", show_progress):
         if case != current:
-            inputs, ref, input_error, current = None, None, None, case
+            inputs, refs, input_error, current = None, None, None, case
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             try:
                 inputs = make_inputs(case, device, _harness.rotation_sets(bytes_per_input_set(case), l2))
+                refs = reference_outputs(case, inputs) if check else None
             except Exception as e:  # e.g. out of memory: every impl of this case fails with it
                 input_error = e
         why = impl_unavailable_reason(impl, device, case.torch_dtype)
@@ -319,14 +345,10 @@ def run_kernel_suite(doc: dict, cases: Sequence[KernelCase], impls: Sequence[str
             if impl == "compile":
                 torch._dynamo.reset()
             step = make_step(make_forward(impl), case, inputs)
+            _gate.reset_triton_choices()
             out = step(0)
-            if impl == "eager":
-                ref = _detach(out)
-            elif check and ref is not None:
-                err = max_nrel(out, ref)
-                if not err <= CHECK_TOL[case.dtype]:
-                    raise AssertionError(f"result differs from eager: norm-relative {err:.3g} > "
-                                         f"{CHECK_TOL[case.dtype]:g}; not timed")
+            path = path_of(impl, case, inputs)
+            gate = _gate.check_kernel(out, *refs) if refs is not None else None
             del out
             t = timer(step, inputs.n_sets, key=(case, impl))
         except Exception as e:  # one broken case must not hide the others; the run exits non-zero
@@ -338,11 +360,14 @@ def run_kernel_suite(doc: dict, cases: Sequence[KernelCase], impls: Sequence[str
         nbytes = min_bytes(case)
         row = {**fields, "p20_ms": t.p20_ms, "p50_ms": t.p50_ms, "p80_ms": t.p80_ms,
                "GBps": nbytes / (t.p50_ms * 1e-3) / 1e9, "bytes": nbytes, "reps": t.reps,
-               "input_sets": inputs.n_sets, "device_type": device.type}
+               "input_sets": inputs.n_sets, "device_type": device.type, "wall_ms": t.wall_ms, "path": path,
+               "gate": gate}
         if impl.startswith("resfused-"):
             row["backend"] = impl.split("-", 1)[1]
-        doc["rows"].append(row)
-    inputs = ref = None
+        if impl == "compile":
+            row["compile"] = COMPILE_LABEL
+        _harness.add_row(doc, row)
+    inputs = refs = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -37,6 +37,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import _harness
 from ._schema import CONV_OPS
 
 CONV_MODEL = """\
@@ -117,10 +118,15 @@ SELECTIONS = {  # (gpu, quick) -> what run.py times by default
     (False, True): dict(layers=QUICK_LAYERS, dtypes=("fp32",), batch=2),
 }
 
-# Norm-relative tolerance against eager: eager rounds y to the activation dtype after the conv, the bias and
-# the residual add, the fused kernels once; fp32 convs run TF32 by default. Loose enough for that, tight
-# enough that a wrong kernel (a missing bias, residual or shortcut, a bad tile) is not timed.
-CHECK_TOL = {"bf16": 3e-2, "fp16": 1e-2, "fp32": 1e-2}
+# What each row's path field says for the implementations that are not resfused backends.
+PATHS = {
+    "eager": "cuDNN conv, then separate bias add_, shortcut conv / residual add_, relu_",
+    "cudnn-fused": "torch.cudnn_convolution_add_relu / cudnn_convolution_relu (cuDNN's fused op)",
+    "compile": "inductor, fullgraph=True, dynamic=False, mode=default",
+    # The cuda backend's conv_bias_act IS cuDNN's runtime-fusion engine (csrc/conv_bias_act.cu): its row measures
+    # what resfused adds on top of cuDNN (argument checks, plan cache), not a kernel of ours.
+    "resfused-cuda": "overhead check: cuDNN runtime-fusion graph through resfused._C (csrc/conv_bias_act.cu)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +236,18 @@ def min_bytes(case: ConvCase) -> int:
     return elems * s
 
 
+def shrunk(case: ConvCase, side: int = 4) -> ConvCase:
+    """bench/run.py --simulate: the same conv (channels, kernel, stride, residual, shortcut) on at most side x side
+    output pixels, so the CPU rehearsal runs in seconds."""
+    g = case.geometry
+    h, w = min(g.h, side * g.stride), min(g.w, side * g.stride)
+    sc = None
+    if g.shortcut is not None:
+        c_sc, _, _, s = g.shortcut
+        sc = (c_sc, s * h, s * w, s)
+    return dataclasses.replace(case, geometry=dataclasses.replace(g, h=h, w=w, shortcut=sc))
+
+
 def conv_cases(layers: Sequence[str], dtypes: Sequence[str], batch: int) -> list[ConvCase]:
     unknown = [name for name in layers if name not in LAYERS]
     if unknown:
@@ -296,7 +314,7 @@ def impl_unavailable_reason(impl: str, device: torch.device, dtype: Optional[tor
         backend = impl.split("-", 1)[1]
         if backend not in ("cuda", "triton", "reference"):
             return f"unknown resfused backend {backend!r}"
-        if backend == "triton" and device.type == "cpu":
+        if backend == "triton" and device.type == "cpu" and not _harness.SIMULATE:
             return "CPU run: the Triton backend runs on CPU only in the interpreter, a correctness tool; not timed"
         from resfused.ops import conv_bias_act as op
         return op.unavailable_reason(backend, device, dtype or torch.float32)
@@ -311,7 +329,7 @@ def make_forward(impl: str) -> Callable:
     if impl == "cudnn-fused":
         return cudnn_fused_conv_bias_act
     if impl == "compile":
-        return torch.compile(eager_conv_bias_act, dynamic=False)
+        return torch.compile(eager_conv_bias_act, dynamic=False, fullgraph=True)
     if impl.startswith("resfused-"):
         return functools.partial(_resfused_conv_bias_act, backend=impl.split("-", 1)[1])
     raise ValueError(f"unknown implementation {impl!r}")
@@ -389,30 +407,46 @@ def make_step(forward: Callable, case: ConvCase, inp: ConvInputs) -> Callable[[i
     return step
 
 
-def nrel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Norm-relative difference of a against b, in float32."""
-    b32 = b.detach().float()
-    return ((a.detach().float() - b32).norm() / b32.norm().clamp_min(1e-30)).item()
+def reference_outputs(case: ConvCase, inp: ConvInputs) -> tuple:
+    """(float64 result, eager's result) on input set 0: the correctness gate's two references."""
+    from ._gate import to_float64
+
+    g = case.geometry
+    x, w, b, z, sc, scw = to_float64([inp.xs[0], inp.weight, inp.bias, inp.zs[0] if g.residual else None,
+                                      inp.scs[0] if g.shortcut is not None else None, inp.shortcut_weight])
+    inp64 = ConvInputs([x], [z] if z is not None else [], [sc] if sc is not None else [], weight=w, bias=b,
+                       shortcut_weight=scw)
+    return make_step(eager_conv_bias_act, case, inp64)(0), make_step(eager_conv_bias_act, case, inp)(0)
+
+
+def path_of(impl: str) -> str:
+    from . import _gate
+
+    if impl == "resfused-triton":
+        return _gate.triton_path()
+    return PATHS.get(impl, impl)
 
 
 def run_conv_suite(doc: dict, cases: Sequence[ConvCase], impls: Sequence[str], device: torch.device, timer,
                    show_progress: bool = True, check: bool = True) -> None:
     """Time every (case, impl) and append rows (GBps, TFLOPS) to ``doc``; an impl that cannot run goes to
-    doc["skipped"] with its reason, one that fails (or disagrees with eager) to doc["errors"]."""
-    from . import _harness
+    doc["skipped"] with its reason, one that fails (or fails the correctness gate, bench/_gate.py) to
+    doc["errors"]. Rows record the path that ran and the per-call wall time beside the CUDA-event time."""
+    from . import _gate, _harness
 
     l2 = _harness.l2_cache_bytes(device)
     work = [(case, impl) for case in cases for impl in impls]
     inputs: Optional[ConvInputs] = None
     current: Optional[ConvCase] = None
-    ref = input_error = None
+    refs = input_error = None
     for case, impl in _harness.progress(work, len(work), "conv", show_progress):
         if case != current:
-            inputs, ref, input_error, current = None, None, None, case
+            inputs, refs, input_error, current = None, None, None, case
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             try:
                 inputs = make_inputs(case, device, _harness.rotation_sets(bytes_per_input_set(case), l2))
+                refs = reference_outputs(case, inputs) if check else None
             except Exception as e:  # e.g. out of memory: every impl of this case fails with it
                 input_error = e
         why = impl_unavailable_reason(impl, device, case.torch_dtype)
@@ -427,6 +461,7 @@ def run_conv_suite(doc: dict, cases: Sequence[ConvCase], impls: Sequence[str], d
             if impl == "compile":
                 torch._dynamo.reset()
             step = make_step(make_forward(impl), case, inputs)
+            _gate.reset_triton_choices()
             try:
                 out = step(0)
             except RuntimeError as e:
@@ -435,13 +470,8 @@ def run_conv_suite(doc: dict, cases: Sequence[ConvCase], impls: Sequence[str], d
                     raise
                 _harness.add_skipped(doc, "kernel", impl, skip, case.id)
                 continue
-            if impl == "eager":
-                ref = out.detach()
-            elif check and ref is not None:
-                err = nrel(out, ref)
-                if not err <= CHECK_TOL[case.dtype]:
-                    raise AssertionError(f"result differs from eager: norm-relative {err:.3g} > "
-                                         f"{CHECK_TOL[case.dtype]:g}; not timed")
+            path = path_of(impl)
+            gate = _gate.check_kernel(out, *refs) if refs is not None else None
             del out
             t = timer(step, inputs.n_sets, key=(case, impl))
         except Exception as e:  # one broken case must not hide the others; the run exits non-zero
@@ -454,13 +484,16 @@ def run_conv_suite(doc: dict, cases: Sequence[ConvCase], impls: Sequence[str], d
         row = {**fields, "p20_ms": t.p20_ms, "p50_ms": t.p50_ms, "p80_ms": t.p80_ms,
                "GBps": nbytes / (t.p50_ms * 1e-3) / 1e9, "bytes": nbytes,
                "TFLOPS": nflops / (t.p50_ms * 1e-3) / 1e12, "flops": nflops, "reps": t.reps,
-               "input_sets": inputs.n_sets, "device_type": device.type}
+               "input_sets": inputs.n_sets, "device_type": device.type, "wall_ms": t.wall_ms, "path": path,
+               "gate": gate}
         if impl.startswith("resfused-"):
             row["backend"] = impl.split("-", 1)[1]
         if impl == "compile":
-            row["compile"] = "inductor, mode=default"
-        doc["rows"].append(row)
-    inputs = ref = None
+            row["compile"] = PATHS["compile"]
+        if impl == "resfused-cuda":
+            row["overhead_check"] = True
+        _harness.add_row(doc, row)
+    inputs = refs = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -99,13 +99,14 @@ class ModelImpl:
     compile_mode: Optional[str] = None              # torch.compile(mode=...); None: the default mode
     backend: Optional[str] = None                   # the resfused backend it asks for (the row's backend)
     cast_params: bool = False                       # parameters and input in the config's dtype, not autocast
+    autocast_only: bool = False                     # only where the config autocasts (else it repeats another row)
     quick_reason: str = "--quick: compiling ResNet-50 takes minutes; run without --quick"
 
     @property
     def compile_label(self) -> str:
-        """What the row's ``compile`` field says: Inductor, freezing for inference, and the mode."""
+        """What the row's ``compile`` field says: Inductor, fullgraph, freezing for inference, and the mode."""
         freezing = ", freezing" if self.mode == "infer" else ""
-        return f"inductor{freezing}, mode={self.compile_mode or 'default'}"
+        return f"inductor, fullgraph=True{freezing}, mode={self.compile_mode or 'default'}"
 
 
 MODEL_IMPLS: list[ModelImpl] = [
@@ -114,6 +115,8 @@ MODEL_IMPLS: list[ModelImpl] = [
     ModelImpl("compile", "train", _stock, compile=True, unavailable=_needs_gpu, in_quick=False),
     ModelImpl("resfused-compile", "train", _convert, compile=True, unavailable=_needs_gpu, in_quick=False),
     ModelImpl("eager", "infer", _stock),
+    # Stock at the fused rows' precision regime (bf16 parameters and input, no autocast): their baseline.
+    ModelImpl("eager", "infer", _stock, cast_params=True, autocast_only=True),
     ModelImpl("resfused", "infer", _convert),
     ModelImpl("resfused-fused-cuda", "infer", functools.partial(_fuse, backend="cuda"), backend="cuda",
               cast_params=True, unavailable=_fused_unavailable("cuda")),
@@ -190,8 +193,10 @@ def build_model(cfg: ModelConfig, device: torch.device, seed: int = 0) -> nn.Mod
     return model.to(device=device, memory_format=cfg.memory_format)
 
 
-def _autocast(cfg: ModelConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=cfg.amp_dtype or torch.float32, enabled=cfg.amp_dtype is not None)
+def _autocast(cfg: ModelConfig, device: torch.device, impl: Optional["ModelImpl"] = None):
+    """Autocast in the config's dtype, except for an impl that runs its parameters in that dtype already."""
+    enabled = cfg.amp_dtype is not None and not (impl is not None and impl.cast_params)
+    return torch.autocast(device.type, dtype=cfg.amp_dtype or torch.float32, enabled=enabled)
 
 
 def _synthetic_batch(cfg: ModelConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,20 +225,20 @@ def make_model_step(impl: ModelImpl, cfg: ModelConfig, device: torch.device) -> 
     if impl.mode == "train":
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        run = torch.compile(model, mode=impl.compile_mode) if impl.compile else model
+        run = torch.compile(model, mode=impl.compile_mode, fullgraph=True) if impl.compile else model
 
         def step(i):
-            with _autocast(cfg, device):
+            with _autocast(cfg, device, impl):
                 out = run(x)
             F.cross_entropy(out.float(), target).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     elif impl.mode == "infer":
         model.eval()
-        run = torch.compile(model, mode=impl.compile_mode) if impl.compile else model
+        run = torch.compile(model, mode=impl.compile_mode, fullgraph=True) if impl.compile else model
 
         def step(i):
-            with torch.no_grad(), _autocast(cfg, device):
+            with torch.no_grad(), _autocast(cfg, device, impl):
                 return run(x)
     else:
         raise ValueError(f"unknown model mode {impl.mode!r}")
@@ -246,38 +251,46 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-# Norm-relative tolerance of an implementation's logits against the stock eval model's: bf16 rounds every
-# layer's output (the fused model also rounds its folded weights), fp32 convs run TF32 by default; a wrong
-# kernel (a missing bias, residual or shortcut) is off by O(1).
-MODEL_CHECK_TOL = {"bf16": 1e-1, "fp32": 2e-2}
-
-
-def reference_logits(cfg: ModelConfig, device: torch.device) -> torch.Tensor:
-    """The stock model's eval logits on the suite's input (what every infer impl is checked against)."""
+def reference_logits(cfg: ModelConfig, device: torch.device) -> dict:
+    """The correctness gate's references on the suite's input: the stock eval model in float64 ("fp64"), and
+    stock in each precision regime ("autocast": fp32 parameters under the config's autocast; "cast": parameters
+    and input in the config's dtype), whose own error sets the bound (bench/_gate.py)."""
     model = build_model(cfg, device).eval()
     x, _ = _synthetic_batch(cfg, device)
-    with torch.no_grad(), _autocast(cfg, device):
-        out = model(x).detach().float()
-    del model
+    refs = {}
+    with torch.no_grad():
+        refs["fp64"] = copy.deepcopy(model).double()(x.double()).detach()
+        with _autocast(cfg, device):
+            refs["autocast"] = model(x).detach()
+        cast = model.to(cfg.param_dtype)
+        refs["cast"] = cast(x.to(cfg.param_dtype)).detach()
+    del model, cast
     _free(device)
-    return out
+    return refs
 
 
-def _nrel32(a: torch.Tensor, b: torch.Tensor) -> float:
-    b = b.detach().float()
-    return ((a.detach().float() - b).norm() / b.norm().clamp_min(1e-30)).item()
+def path_of(impl: "ModelImpl", backend: str) -> str:
+    what = {"eager": "stock torchvision", "compile": "stock under torch.compile"}.get(impl.name)
+    if what is None:
+        what = f"resfused backend {backend or 'auto'}"
+    regime = "bf16/fp32 parameters as the config's param_dtype, no autocast" if impl.cast_params else "autocast"
+    return f"{what}; {regime}" + (f"; {impl.compile_label}" if impl.compile else "")
 
 
 def run_model_suite(doc: dict, configs: Sequence[ModelConfig], impls: Sequence[ModelImpl], device: torch.device,
                     timer, show_progress: bool = True, warmup_steps: int = 2, check: bool = True) -> None:
     """Time every (config, impl); rows carry images_per_s (and peak_mem_MiB on a GPU). With ``check``, an
-    infer impl whose logits differ from the stock model's by more than MODEL_CHECK_TOL is an error, not timed."""
+    infer impl whose logits fail the correctness gate (bench/_gate.py: twice stock's own error against the
+    float64 model, same precision regime) is an error, not timed."""
+    from . import _gate
     from . import _harness
 
     work = [(cfg, impl) for cfg in configs for impl in impls]
     refs: dict = {}
     for cfg, impl in _harness.progress(work, len(work), "model", show_progress):
         fields = {**cfg.row_fields(impl.mode), "impl": impl.name}
+        if impl.autocast_only and cfg.amp_dtype is None:
+            continue
         why = impl.unavailable(device)
         if why is not None:
             _harness.add_skipped(doc, "model", impl.name, why, f"{impl.mode} {cfg.row_dtype}")
@@ -294,10 +307,8 @@ def run_model_suite(doc: dict, configs: Sequence[ModelConfig], impls: Sequence[M
                 for i in range(max(1, warmup_steps)):  # compilation and autotuning before the peak-memory window
                     out = step(i)
                     if i == 0 and check and impl.mode == "infer":
-                        err = _nrel32(out, refs[cfg])
-                        if not err <= MODEL_CHECK_TOL[cfg.dtype]:
-                            raise AssertionError(f"logits differ from the stock eval model's: norm-relative "
-                                                 f"{err:.3g} > {MODEL_CHECK_TOL[cfg.dtype]:g}; not timed")
+                        ref = refs[cfg]
+                        gate = _gate.check_model(out, ref["fp64"], ref["cast" if impl.cast_params else "autocast"])
                     out = None
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -320,8 +331,10 @@ def run_model_suite(doc: dict, configs: Sequence[ModelConfig], impls: Sequence[M
         if impl.compile:
             row["compile"] = impl.compile_label
         if check and impl.mode == "infer":
-            row["checked_nrel"] = err
-        doc["rows"].append(row)
+            row["gate"] = gate
+        row["wall_ms"] = t.wall_ms
+        row["path"] = path_of(impl, backend)
+        _harness.add_row(doc, row)
         _free(device)
 
 
@@ -331,12 +344,32 @@ def _freezing():
     return inductor_config.patch(freezing=True)
 
 
-def select_impls(names: Optional[Sequence[str]], modes: Sequence[str], quick: bool) -> tuple[list[ModelImpl], list]:
-    """(impls to run, [(impl, reason)] left out by --quick)."""
+# bench/run.py --plan headline (gpu_check.sh's first bench step): stock eager, resfused.convert, fuse_for_inference
+# and convert(fuse_convs=True), no compiles (the rest plan has them). (name, mode, cast_params).
+HEADLINE_IMPLS = (("eager", "train", False), ("resfused", "train", False),
+                  ("eager", "infer", False), ("eager", "infer", True), ("resfused", "infer", False),
+                  ("resfused-fused-cuda", "infer", True), ("resfused-fused-triton", "infer", True),
+                  ("resfused-convbn-cuda", "train", False), ("resfused-convbn-triton", "train", False))
+
+
+def _key(impl: ModelImpl) -> tuple:
+    return (impl.name, impl.mode, impl.cast_params)
+
+
+def select_impls(names: Optional[Sequence[str]], modes: Sequence[str], quick: bool,
+                 plan: Optional[str] = None) -> tuple[list[ModelImpl], list]:
+    """(impls to run, [(impl, reason)] left out). ``plan`` "headline": HEADLINE_IMPLS in that order; "rest": the
+    --quick impls that are not in the headline, then the ones --quick leaves out; otherwise all (``quick``: those
+    with in_quick)."""
+    impls = [i for i in MODEL_IMPLS if i.mode in modes and not (names and i.name not in names)]
+    if plan == "headline":
+        by_key = {_key(i): i for i in impls}
+        return [by_key[k] for k in HEADLINE_IMPLS if k in by_key], []
+    if plan == "rest":
+        rest = [i for i in impls if _key(i) not in HEADLINE_IMPLS]
+        return [i for i in rest if i.in_quick] + [i for i in rest if not i.in_quick], []
     chosen, left_out = [], []
-    for impl in MODEL_IMPLS:
-        if impl.mode not in modes or (names and impl.name not in names):
-            continue
+    for impl in impls:
         if quick and not impl.in_quick:
             left_out.append((impl, impl.quick_reason))
             continue

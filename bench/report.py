@@ -328,9 +328,12 @@ def plot_conv(doc: dict, path: Path) -> Path | None:
     return Path(path)
 
 
-def write_report(json_path: Path, out_dir: Path | None = None) -> list[Path]:
+PLOTS = ("speedup", "copy-bw", "conv-speedup")
+
+
+def write_report(json_path: Path, out_dir: Path | None = None, plots_wanted: tuple = PLOTS) -> list[Path]:
     """Write <stem>.md (+ <stem>-speedup.png, <stem>-copy-bw.png, <stem>-conv-speedup.png where there are
-    rows for them) for one result JSON; returns the paths."""
+    rows for them and ``plots_wanted`` names them) for one result JSON; returns the paths."""
     json_path = Path(json_path)
     doc = _schema.load_result(json_path)
     out_dir = Path(out_dir) if out_dir else json_path.parent
@@ -343,10 +346,10 @@ def write_report(json_path: Path, out_dir: Path | None = None) -> list[Path]:
         extra.append("Plots not generated: matplotlib is not installed.")
     else:
         for metric, suffix in (("speedup_vs_eager", "speedup"), ("frac_copy_bw", "copy-bw")):
-            p = plot_kernels(doc, out_dir / f"{stem}-{suffix}.png", metric)
+            p = plot_kernels(doc, out_dir / f"{stem}-{suffix}.png", metric) if suffix in plots_wanted else None
             if p is not None:
                 plots.append(p)
-        p = plot_conv(doc, out_dir / f"{stem}-conv-speedup.png")
+        p = plot_conv(doc, out_dir / f"{stem}-conv-speedup.png") if "conv-speedup" in plots_wanted else None
         if p is not None:
             plots.append(p)
     if extra:
@@ -361,7 +364,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench/report.py", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="*", type=Path, help="result JSON files (default: the newest in bench/results/)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: next to each JSON)")
+    p.add_argument("--plots", default=",".join(PLOTS), help=f"comma-separated plots to make (default all: "
+                   f"{','.join(PLOTS)}; bench/gpu_check.sh makes two, to stay within the 8 files that come back)")
     args = p.parse_args(argv)
+    wanted = tuple(x for x in args.plots.split(",") if x)
+    if set(wanted) - set(PLOTS):
+        p.error(f"--plots: unknown {sorted(set(wanted) - set(PLOTS))}; choose from {','.join(PLOTS)}")
     paths = args.results
     if not paths:
         found = sorted(_schema.RESULTS_DIR.glob("*.json"), key=lambda q: q.stat().st_mtime)
@@ -372,7 +380,7 @@ def main(argv=None) -> int:
     status = 0
     for path in paths:
         try:
-            for w in write_report(path, args.out):
+            for w in write_report(path, args.out, wanted):
                 print(f"wrote {w}")
         except (OSError, ValueError) as e:
             print(f"bench/report.py: {path}: {e}", file=sys.stderr)
