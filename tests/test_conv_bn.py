@@ -25,13 +25,14 @@ from resfused import _layout
 from resfused.nn import ConvBNBasicBlock, ConvBNBottleneck, conv_bn_blocks
 from resfused.ops import conv_bn as op
 
-from _oracle import max_err, tolerance
-from conftest import DEVICE, HAS_CUDA
+from _oracle import assert_close
+from conftest import DEVICE, HAS_CUDA, usable_backends
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models import resnet  # noqa: E402
 
-BACKENDS = [b for b in ("reference", "triton", "cuda") if op.unavailable_reason(b, DEVICE, torch.float32) is None]
+# On a GPU every backend, available or not (a missing one fails its tests, see conftest.usable_backends).
+BACKENDS = usable_backends(DEVICE, lambda b, d: op.unavailable_reason(b, d, torch.float32))
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
 
@@ -118,8 +119,7 @@ def test_forward_matches_stock(backend, case, layout, prologue, small_tiles):
     assert y.is_contiguous(memory_format=LAYOUTS[layout]) and y.dtype == torch.float32
     for name, out, r, st in zip(("y", "mean", "invstd", "running_mean", "running_var"), (y, mean, invstd, rm, rv),
                                 ref, stock):
-        err, tol = max_err(out, r), tolerance(torch.float32, r, st)
-        assert err <= tol, f"{name}: {err:.3e} > {tol:.3e}"
+        assert_close(name, out, r, torch.float32, st)
 
 
 # (case, layout, mode): mode "train" = prologue BN with x's batch statistics (differentiated through), "eval" =
@@ -171,8 +171,7 @@ def test_backward_matches_stock(backend, case, layout, mode, small_tiles):
             assert t.grad is None, name
             continue
         assert t.grad.stride() == t.stride(), name
-        err, tol = max_err(t.grad, r), tolerance(torch.float32, r, st)
-        assert err <= tol, f"{name}: {err:.3e} > {tol:.3e}"
+        assert_close(name, t.grad, r, torch.float32, st)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -188,8 +187,7 @@ def test_half_precision(backend, dtype, small_tiles):
                       backend=backend)
     assert outs[0].dtype == dtype and outs[1].dtype == torch.float32
     for name, out, r, st in zip(("y", "mean", "invstd", "running_mean", "running_var"), (*outs, rm, rv), ref, stock):
-        err, tol = max_err(out, r), tolerance(dtype, r, st)
-        assert err <= tol, f"{name}: {err:.3e} > {tol:.3e}"
+        assert_close(name, out, r, dtype, st)
     gy = torch.randn(outs[0].shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
     ref = _stock_grads(x, weight, pro, gy, conv_args, "train", torch.float64)
     stock = _stock_grads(x, weight, pro, gy, conv_args, "train", dtype)
@@ -200,8 +198,7 @@ def test_half_precision(backend, dtype, small_tiles):
     for name, t, r, st in zip(("grad_x", "grad_weight", "grad_bn_weight", "grad_bn_bias"), (xs, ws, bw, bb), ref,
                               stock):
         assert t.grad.dtype == t.dtype, name
-        err, tol = max_err(t.grad, r), tolerance(dtype, r, st)
-        assert err <= tol, f"{name}: {err:.3e} > {tol:.3e}"
+        assert_close(name, t.grad, r, dtype, st)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -241,8 +238,7 @@ def test_tail_matches_stock(backend, layout, residual_bn, training, small_tiles)
 
     out = op.bn_add_relu_tail(yy, params(yy, w, b), rr, params(rr, rw, rb) if residual_bn else None, backend=backend)
     assert out.is_contiguous(memory_format=LAYOUTS[layout])
-    err, tol = max_err(out, ref_out), tolerance(torch.float32, ref_out, st_out)
-    assert err <= tol, f"out: {err:.3e} > {tol:.3e}"
+    assert_close("out", out, ref_out, torch.float32, st_out)
     _, mask = torch.ops.resfused.conv_bn_tail_forward(yy.detach(), *params(yy, w, b)[:4], rr.detach(),
                                                       *(params(rr, rw, rb)[:4] if residual_bn else (None,) * 4),
                                                       residual_bn, backend)
@@ -253,8 +249,7 @@ def test_tail_matches_stock(backend, layout, residual_bn, training, small_tiles)
         if rg is None:
             assert t.grad is None, name
             continue
-        err, tol = max_err(t.grad, rg), tolerance(torch.float32, rg, sg)
-        assert err <= tol, f"grad {name}: {err:.3e} > {tol:.3e}"
+        assert_close(f"grad {name}", t.grad, rg, torch.float32, sg)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -349,8 +344,7 @@ def test_wgrad_split_k(monkeypatch, tiny_tiles, case, layout):
     assert torch.equal(grads[1], grads[2])
     ref = _stock_grads(x, weight, pro, gy, (s, p, g), "eval", torch.float64)[1]
     stock = _stock_grads(x, weight, pro, gy, (s, p, g), "eval", torch.float32)[1]
-    err, tol = max_err(grads[1], ref), tolerance(torch.float32, ref, stock)
-    assert err <= tol, f"{err:.3e} > {tol:.3e}"
+    assert_close("grad_weight", grads[1], ref, torch.float32, stock)
 
 
 def triton_cdiv(a, b):
