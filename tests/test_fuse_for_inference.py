@@ -22,7 +22,7 @@ import resfused  # noqa: E402
 from resfused.fuse import FusedConv2d, fold_conv_bn, fuse_for_inference  # noqa: E402
 from resfused.ops import conv_bias_act as op  # noqa: E402
 
-from _oracle import assert_close  # noqa: E402
+from _oracle import assert_close, exact_zero_eps  # noqa: E402
 from conftest import DEVICE, HAS_CUDA, usable_backends  # noqa: E402
 
 # On a GPU every backend, available or not (a missing one fails its tests, see conftest.usable_backends).
@@ -96,8 +96,8 @@ def _stock(model, x, dtype):
     hit = _STOCK_CACHE.get(key)
     if hit is None or hit[0] is not model:
         with torch.no_grad():
-            ref = copy.deepcopy(model).double()(x.double())
-            stock = copy.deepcopy(model).to(dtype)(x.to(dtype)) if dtype != torch.float32 else model(x)
+            ref = exact_zero_eps(copy.deepcopy(model).double())(x.double())
+            stock = exact_zero_eps(copy.deepcopy(model).to(dtype))(x.to(dtype))
         _STOCK_CACHE[key] = hit = (model, ref, stock)
     return hit[1], hit[2]
 
@@ -322,6 +322,25 @@ def test_fold_extreme_running_stats(backend, case):
     if case == "large_mean":
         x = x + 30.0
     _assert_matches_stock(fused, model, x, torch.float32, factor=8.0, pointwise=True)
+
+
+@pytest.fixture
+def f_batch_norm_rejects_zero_eps(monkeypatch):
+    """F.batch_norm as torch < 2.13 has it (torch 2.11 runs on the GPU machine): eps <= 0 raises in every mode."""
+    real = torch.nn.functional.batch_norm
+
+    def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive, but got {eps}")
+        return real(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", batch_norm)
+
+
+def test_fold_zero_eps_without_f_batch_norm_taking_it(f_batch_norm_rejects_zero_eps):
+    """Folding a BN with eps=0 (allowed: resfused/fuse.py) is checked by an oracle that never asks F.batch_norm
+    for eps=0, so the check runs on every torch (torch 2.11's F.batch_norm rejects it even in eval)."""
+    test_fold_extreme_running_stats("reference", "zero_eps_tiny_var")
 
 
 def test_fold_conv_bn_formula():
