@@ -18,6 +18,19 @@ else:
     # and check their outputs.
     os.environ.setdefault("RESFUSED_TRITON_AUTOTUNE", "0")
 
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # the property tests skip without it
+    _hypothesis_settings = None
+else:
+    # tests/test_properties.py: "ci" (the default) is derandomized (the same examples every run, so CI never
+    # flakes on a new draw) and sized to stay under ~90 s on CPU; "long" (pytest --hypothesis-profile=long)
+    # draws 10x as many, randomly.
+    _hypothesis_settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None,
+                                          print_blob=True)
+    _hypothesis_settings.register_profile("long", max_examples=1000, deadline=None, print_blob=True)
+    _hypothesis_settings.load_profile("ci")
+
 import resfused  # noqa: E402  (after TRITON_INTERPRET is set)
 from resfused import _backend  # noqa: E402
 
