@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.resfused-installed
 DEPS   := torch==2.14.1 torchvision==0.29.1 triton==3.8.0
-TOOLS  := pytest pytest-xdist pytest-benchmark numpy matplotlib tqdm ninja timm
+TOOLS  := pytest pytest-xdist pytest-benchmark numpy matplotlib tqdm ninja timm hypothesis
 PYTEST_ARGS ?= -n 2
 
 ifeq ($(CUDA_HOME),)

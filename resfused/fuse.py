@@ -119,6 +119,8 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
     Computed in fp32 (fp64 for fp64 weights) and cast to conv.weight's dtype:
     scale = gamma * rsqrt(running_var + eps), W' = W * scale per output channel,
     b' = beta + (b - running_mean) * scale. Returns fresh tensors (nothing is shared with the inputs).
+    A BN with eps = 0 folds too, a documented exception to following F.batch_norm (which rejects eps = 0 in
+    training, and before torch 2.13 in eval): folding needs only running_var + eps > 0.
     """
     weight, bias = _fold(conv, bn)
     return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)

@@ -18,15 +18,38 @@ else:
     # and check their outputs.
     os.environ.setdefault("RESFUSED_TRITON_AUTOTUNE", "0")
 
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # the property tests skip without it
+    _hypothesis_settings = None
+else:
+    # tests/test_properties.py: "ci" (the default) is derandomized (the same examples every run, so CI never
+    # flakes on a new draw) and sized to stay under ~90 s on CPU; "long" (pytest --hypothesis-profile=long)
+    # draws 10x as many, randomly.
+    _hypothesis_settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None,
+                                          print_blob=True)
+    _hypothesis_settings.register_profile("long", max_examples=1000, deadline=None, print_blob=True)
+    _hypothesis_settings.load_profile("ci")
+
 import resfused  # noqa: E402  (after TRITON_INTERPRET is set)
 from resfused import _backend  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
-def usable_backends(device=DEVICE):
-    """Concrete backends that can run on ``device``; reference always."""
-    return [b for b in ("reference", "triton", "cuda") if _backend.unavailable_reason(b, device) is None]
+ALL_BACKENDS = ("reference", "triton", "cuda")
+
+
+def usable_backends(device=DEVICE, unavailable_reason=None):
+    """The concrete backends the tests run on ``device``: on a CUDA device every backend (one that cannot
+    run fails each of its tests, explicitly requested backends raise with the reason; a GPU machine
+    missing a backend is a failure, never a skip); on CPU those that can run there (reference, and triton
+    in the interpreter). ``unavailable_reason(name, device)``: the op's own availability check (default:
+    resfused._backend's)."""
+    if device.type == "cuda":
+        return list(ALL_BACKENDS)
+    why = unavailable_reason or (lambda name, dev: _backend.unavailable_reason(name, dev))
+    return [b for b in ALL_BACKENDS if why(b, device) is None]
 
 
 def pytest_configure(config):
@@ -40,6 +63,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _full_fp32_precision():
+    """fp32 comparisons at full fp32 precision: no TF32 in cuDNN convolutions or matmuls (the TF32 tests turn
+    it on themselves)."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.get_float32_matmul_precision())
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
+    torch.set_float32_matmul_precision(saved[2])
 
 
 @pytest.fixture

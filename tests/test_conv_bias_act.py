@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from resfused import _layout
 from resfused.ops import conv_bias_act as op
 
-from conftest import DEVICE
+from _oracle import assert_close
+from conftest import DEVICE, usable_backends
 
-BACKENDS = [b for b in ("reference", "triton", "cuda") if op.unavailable_reason(b, DEVICE, torch.float32) is None]
+# On a GPU every backend, available or not (a missing one fails its tests, see conftest.usable_backends).
+BACKENDS = usable_backends(DEVICE, lambda b, d: op.unavailable_reason(b, d, torch.float32))
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
 # label: (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups). Channel counts are not multiples of
@@ -111,10 +113,7 @@ def _check(backend, spec, dtype, layout, *, bias=True, residual=True, shortcut=N
     assert _layout.layout_of(y) == _layout.layout_of(x) or ref.shape[1] == 1 or ref.shape[2] * ref.shape[3] == 1, \
         "output must keep the input's memory format"
     assert torch.isfinite(y).all()
-    scale = max(1.0, ref.abs().max().item())
-    tol = max(2 * _max_err(stock, ref), 8 * torch.finfo(dtype).eps * scale)
-    err = _max_err(y, ref)
-    assert err <= tol, f"{backend} {dtype} {layout}: max error {err:.3e} > tolerance {tol:.3e}"
+    assert_close(f"{backend} {dtype} {layout}", y, ref, dtype, stock)
     return y
 
 
@@ -344,7 +343,7 @@ def test_cuda_extension_carries_op():
     from resfused import _backend
 
     if _backend.cuda_ext() is None:
-        pytest.skip(f"resfused._C not built: {_backend._cuda_ext_status()[1]}")
+        pytest.fail(f"resfused._C unavailable on a GPU machine: {_backend._cuda_ext_status()[1]}")
     assert op.cuda_op_reason() is None
 
 

@@ -25,13 +25,14 @@ from resfused import _layout
 from resfused.nn import ConvBNBasicBlock, ConvBNBottleneck, conv_bn_blocks
 from resfused.ops import conv_bn as op
 
-from _oracle import max_err, tolerance
-from conftest import DEVICE, HAS_CUDA
+from _oracle import assert_close
+from conftest import DEVICE, HAS_CUDA, usable_backends
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models import resnet  # noqa: E402
 
-BACKENDS = [b for b in ("reference", "triton", "cuda") if op.unavailable_reason(b, DEVICE, torch.float32) is None]
+# On a GPU every backend, available or not (a missing one fails its tests, see conftest.usable_backends).
+BACKENDS = usable_backends(DEVICE, lambda b, d: op.unavailable_reason(b, d, torch.float32))
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
 
@@ -85,13 +86,14 @@ def _conv_inputs(case, dtype, layout, seed=0):
     return x, weight, pro, vec(-0.1, 0.1, co), vec(0.5, 1.5, co), (s, p, g)
 
 
-def _stock_forward(x, weight, pro, rm, rv, conv_args, dtype):
-    """F.conv2d(relu(bn(x))) and F.batch_norm's statistics/running stats, all in ``dtype``."""
+def _stock_forward(x, weight, pro, rm, rv, conv_args, dtype, act_dtype=None):
+    """F.conv2d(relu(bn(x))) and F.batch_norm's statistics/running stats, all in ``dtype``; with ``act_dtype``
+    the activation relu(bn(x)) is rounded to it before the conv (see _rounded)."""
     s, p, g = conv_args
     x = x.to(dtype)
     if pro is not None:
         v = lambda t: t.to(dtype).view(1, -1, 1, 1)  # noqa: E731
-        x = torch.relu((x - v(pro.mean)) * v(pro.weight * pro.invstd) + v(pro.bias))
+        x = _rounded(torch.relu((x - v(pro.mean)) * v(pro.weight * pro.invstd) + v(pro.bias)), act_dtype)
     y = F.conv2d(x, weight.to(dtype), None, s, p, 1, g)
     rm, rv = rm.to(dtype), rv.to(dtype)
     F.batch_norm(y, rm, rv, None, None, True, 0.1, 1e-5)
@@ -118,8 +120,7 @@ def test_forward_matches_stock(backend, case, layout, prologue, small_tiles):
     assert y.is_contiguous(memory_format=LAYOUTS[layout]) and y.dtype == torch.float32
     for name, out, r, st in zip(("y", "mean", "invstd", "running_mean", "running_var"), (y, mean, invstd, rm, rv),
                                 ref, stock):
-        err, tol = max_err(out, r), tolerance(torch.float32, r, st)
-        assert err <= tol, f"{name}: {err:.3e} > {tol:.3e}"
+        assert_close(name, out, r, torch.float32, st)
 
 
 # (case, layout, mode): mode "train" = prologue BN with x's batch statistics (differentiated through), "eval" =
@@ -129,8 +130,23 @@ BACKWARD_CASES = [("3x3_s1", "cl", "train"), ("3x3_s2", "nchw", "train"), ("1x1_
                   ("C3", "nchw", "train")]
 
 
-def _stock_grads(x, weight, pro, gy, conv_args, mode, dtype):
-    """Gradients of sum(gy * conv2d(relu(F.batch_norm(x)), weight)) w.r.t. x, weight, bn weight, bn bias."""
+def _rounded(a, act_dtype):
+    """``a`` rounded to ``act_dtype`` (and back), gradients passing straight through; ``a`` when None.
+
+    The half-precision float64 oracle rounds the prologue's activation to the activation dtype, as the contract
+    does (resfused/reference/conv_bn.py: what a fused kernel feeds its MMA) and as stock does (relu(bn(x)) is a
+    bf16 tensor there). Without it, the float64 conv of the unrounded activation differs from any bf16 pipeline
+    by a sum of K independent activation roundings at each output, which cancellation can make many ulps of
+    that output and which stock's error at the same element does not predict: an elementwise bound would then
+    fail correct kernels at random."""
+    if act_dtype is None:
+        return a
+    return a + (a.detach().to(act_dtype).to(a.dtype) - a.detach())
+
+
+def _stock_grads(x, weight, pro, gy, conv_args, mode, dtype, act_dtype=None):
+    """Gradients of sum(gy * conv2d(relu(F.batch_norm(x)), weight)) w.r.t. x, weight, bn weight, bn bias
+    (``act_dtype``: see _rounded)."""
     s, p, g = conv_args
     leaf = lambda t: t.detach().to(dtype).requires_grad_()  # noqa: E731
     x, weight, w, b = leaf(x), leaf(weight), leaf(pro.weight), leaf(pro.bias)
@@ -141,6 +157,7 @@ def _stock_grads(x, weight, pro, gy, conv_args, mode, dtype):
         a = torch.relu(F.batch_norm(x, pro.mean.to(dtype), rv, w, b, False, 0.0, 1e-5))
     else:
         a = x
+    a = _rounded(a, act_dtype) if mode != "plain" else a
     (F.conv2d(a, weight, None, s, p, 1, g) * gy.to(dtype)).sum().backward()
     return x.grad, weight.grad, w.grad, b.grad
 
@@ -171,27 +188,56 @@ def test_backward_matches_stock(backend, case, layout, mode, small_tiles):
             assert t.grad is None, name
             continue
         assert t.grad.stride() == t.stride(), name
-        err, tol = max_err(t.grad, r), tolerance(torch.float32, r, st)
-        assert err <= tol, f"{name}: {err:.3e} > {tol:.3e}"
+        assert_close(name, t.grad, r, torch.float32, st)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_half_precision(backend, dtype, small_tiles):
-    """fp16/bf16 input (fp32 statistics and accumulation): forward outputs and all gradients within twice the
-    error of stock PyTorch in that dtype against float64."""
+    """fp16/bf16 input (fp32 statistics and accumulation): forward outputs and all gradients, elementwise within
+    twice the error of stock PyTorch in that dtype (or 2 ulps) against float64 with the activation rounded as
+    the contract rounds it (_rounded)."""
+    if backend == "triton" and dtype == torch.bfloat16 and _interpreted():
+        # Strict expected failure: Triton's interpreter (triton 3.8) casts fp32 -> bf16 by truncation
+        # (runtime/interpreter.py cast_impl passes no rounding mode to _convert_float), so the prologue's
+        # activation, z.to(a.dtype) in triton_kernels/conv_bn.py _prologue, is rounded toward zero instead of
+        # to nearest: every activation is biased by up to one bf16 ulp, and y by a sum of those (observed:
+        # 6e-3 at |y| = 0.1, 12x stock's error there). A GPU rounds to nearest. Fails here when that is fixed.
+        try:
+            _half_precision(backend, dtype)
+        except AssertionError as e:
+            pytest.xfail(f"Triton interpreter truncates fp32 -> bf16 casts: {str(e)[:200]}")
+        pytest.fail("the interpreter's bf16 truncation no longer breaks this check: remove the expected failure")
+    _half_precision(backend, dtype)
+
+
+def _interpreted() -> bool:
+    return importlib.import_module("resfused.triton_kernels.conv_bn")._INTERPRET
+
+
+def _half_precision(backend, dtype):
+    """test_half_precision's checks."""
     x, weight, pro, rm, rv, conv_args = _conv_inputs("3x3_s2", dtype, "cl")
     s, p, g = conv_args
-    ref = _stock_forward(x, weight, pro, rm.clone(), rv.clone(), conv_args, torch.float64)
+    rm0, rv0 = rm.clone(), rv.clone()
+    ref = _stock_forward(x, weight, pro, rm.clone(), rv.clone(), conv_args, torch.float64, act_dtype=dtype)
     stock = _stock_forward(x, weight, pro, rm.clone(), rv.clone(), conv_args, dtype)
     outs = op.conv_bn(x, weight, s, p, 1, g, prologue=pro, stats=True, running_mean=rm, running_var=rv,
                       backend=backend)
     assert outs[0].dtype == dtype and outs[1].dtype == torch.float32
-    for name, out, r, st in zip(("y", "mean", "invstd", "running_mean", "running_var"), (*outs, rm, rv), ref, stock):
-        err, tol = max_err(out, r), tolerance(dtype, r, st)
-        assert err <= tol, f"{name}: {err:.3e} > {tol:.3e}"
+    assert_close("y", outs[0], ref[0], dtype, stock[0])
+    # The statistics are float32 results: held to float32's floor, against stock's float32 statistics of its
+    # own rounded y (F.batch_norm on half-precision input accumulates in float32; stock's half-precision
+    # var_mean would round them to the dtype and pass a 1 % error in a channel).
+    y32 = stock[0].float()
+    rm32, rv32 = rm0.clone(), rv0.clone()
+    F.batch_norm(y32, rm32, rv32, None, None, True, 0.1, 1e-5)
+    var32, mean32 = torch.var_mean(y32, dim=(0, 2, 3), unbiased=False)
+    for name, out, r, st in zip(("mean", "invstd", "running_mean", "running_var"), (*outs[1:], rm, rv), ref[1:],
+                                (mean32, torch.rsqrt(var32 + 1e-5), rm32, rv32)):
+        assert_close(name, out, r, torch.float32, st)
     gy = torch.randn(outs[0].shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
-    ref = _stock_grads(x, weight, pro, gy, conv_args, "train", torch.float64)
+    ref = _stock_grads(x, weight, pro, gy, conv_args, "train", torch.float64, act_dtype=dtype)
     stock = _stock_grads(x, weight, pro, gy, conv_args, "train", dtype)
     xs, ws = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
     bw, bb = pro.weight.detach().clone().requires_grad_(), pro.bias.detach().clone().requires_grad_()
@@ -200,8 +246,7 @@ def test_half_precision(backend, dtype, small_tiles):
     for name, t, r, st in zip(("grad_x", "grad_weight", "grad_bn_weight", "grad_bn_bias"), (xs, ws, bw, bb), ref,
                               stock):
         assert t.grad.dtype == t.dtype, name
-        err, tol = max_err(t.grad, r), tolerance(dtype, r, st)
-        assert err <= tol, f"{name}: {err:.3e} > {tol:.3e}"
+        assert_close(name, t.grad, r, dtype, st)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -241,8 +286,7 @@ def test_tail_matches_stock(backend, layout, residual_bn, training, small_tiles)
 
     out = op.bn_add_relu_tail(yy, params(yy, w, b), rr, params(rr, rw, rb) if residual_bn else None, backend=backend)
     assert out.is_contiguous(memory_format=LAYOUTS[layout])
-    err, tol = max_err(out, ref_out), tolerance(torch.float32, ref_out, st_out)
-    assert err <= tol, f"out: {err:.3e} > {tol:.3e}"
+    assert_close("out", out, ref_out, torch.float32, st_out)
     _, mask = torch.ops.resfused.conv_bn_tail_forward(yy.detach(), *params(yy, w, b)[:4], rr.detach(),
                                                       *(params(rr, rw, rb)[:4] if residual_bn else (None,) * 4),
                                                       residual_bn, backend)
@@ -253,8 +297,7 @@ def test_tail_matches_stock(backend, layout, residual_bn, training, small_tiles)
         if rg is None:
             assert t.grad is None, name
             continue
-        err, tol = max_err(t.grad, rg), tolerance(torch.float32, rg, sg)
-        assert err <= tol, f"grad {name}: {err:.3e} > {tol:.3e}"
+        assert_close(f"grad {name}", t.grad, rg, torch.float32, sg)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -349,8 +392,7 @@ def test_wgrad_split_k(monkeypatch, tiny_tiles, case, layout):
     assert torch.equal(grads[1], grads[2])
     ref = _stock_grads(x, weight, pro, gy, (s, p, g), "eval", torch.float64)[1]
     stock = _stock_grads(x, weight, pro, gy, (s, p, g), "eval", torch.float32)[1]
-    err, tol = max_err(grads[1], ref), tolerance(torch.float32, ref, stock)
-    assert err <= tol, f"{err:.3e} > {tol:.3e}"
+    assert_close("grad_weight", grads[1], ref, torch.float32, stock)
 
 
 def triton_cdiv(a, b):

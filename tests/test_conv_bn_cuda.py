@@ -205,7 +205,8 @@ def test_resnet50_convs_take_the_fused_cudnn_path(conv):
     """bf16 channels_last on sm80+: cuDNN's runtime fusion has an engine for the prologue + conv + genstats
     graph and the prologue + wgrad graph (an "unfused: ..." answer fails, saying cuDNN's reason)."""
     if op.unavailable_reason("cuda", torch.device(DEVICE), torch.bfloat16) is not None:
-        pytest.skip(op.unavailable_reason("cuda", torch.device(DEVICE), torch.bfloat16))
+        pytest.fail(f"cuda conv_bn unavailable on a GPU machine: "
+                    f"{op.unavailable_reason('cuda', torch.device(DEVICE), torch.bfloat16)}")
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("cuDNN's runtime-fusion engines need sm80+")
     c, h, k, r, s, p = conv
@@ -222,7 +223,8 @@ def test_fused_and_unfused_paths_agree():
     """A bf16 channels_last 3x3 conv through the fused graph and, from a copy 2 bytes off a 16-byte boundary,
     through the unfused path: y, the statistics and wgrad agree to bf16 rounding."""
     if op.unavailable_reason("cuda", torch.device(DEVICE), torch.bfloat16) is not None:
-        pytest.skip(op.unavailable_reason("cuda", torch.device(DEVICE), torch.bfloat16))
+        pytest.fail(f"cuda conv_bn unavailable on a GPU machine: "
+                    f"{op.unavailable_reason('cuda', torch.device(DEVICE), torch.bfloat16)}")
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     n, c, h = 8, 64, 14
     base = torch.randn(n * c * h * h + 1, device=DEVICE, dtype=torch.bfloat16, generator=gen)
@@ -252,7 +254,8 @@ def test_cuda_graph_capture_after_warm_up():
     """Warmed up outside capture, the fused forward and wgrad replay inside a CUDA graph with eager's results; a
     configuration first seen inside capture runs unfused there (no plan is built during capture)."""
     if op.unavailable_reason("cuda", torch.device(DEVICE), torch.bfloat16) is not None:
-        pytest.skip(op.unavailable_reason("cuda", torch.device(DEVICE), torch.bfloat16))
+        pytest.fail(f"cuda conv_bn unavailable on a GPU machine: "
+                    f"{op.unavailable_reason('cuda', torch.device(DEVICE), torch.bfloat16)}")
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(8, 64, 14, 14, device=DEVICE, generator=gen).to(torch.bfloat16)
     x = x.contiguous(memory_format=torch.channels_last)

@@ -51,6 +51,10 @@ def _flag(name: str) -> bool:
 
 
 def _extension_expected() -> bool:
+    """Whether resfused._C must be there: always on a machine with a CUDA device (a GPU run without the
+    extension fails rather than skipping), else when CI forces the build or it is installed."""
+    if torch.cuda.is_available():
+        return True
     has_sources = bool(glob.glob(os.path.join(ROOT, "csrc", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
     return (has_sources and _flag("RESFUSED_FORCE_CUDA_BUILD")) or importlib.util.find_spec("resfused._C") is not None
 
@@ -369,13 +373,25 @@ def _train_step(ext, x, z, w, b, rm, rv, dy):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_no_host_sync(ext, scheme, layout):
     x, z, w, b, rm, rv, dy = _inputs((BATCH, _channels(layout), 28, 28), torch.bfloat16, layout, seed=5)
-    _train_step(ext, x, z, w, b, rm, rv, dy)  # first call: device queries, kernel attributes
+    """A training step never waits for the GPU: queued behind a ~1 s GPU sleep, the step returns while the
+    stream is still busy (any host synchronisation, instrumented by PyTorch's sync debug mode or not, would
+    wait the sleep out), and then gives the results of a step run without the sleep."""
+    rm0, rv0 = rm.clone(), rv.clone()
+    want = _train_step(ext, x, z, w, b, rm0, rv0, dy)  # first call: device queries, kernel attributes
     torch.cuda.synchronize()
+    stream = torch.cuda.current_stream()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU clock cycles ahead of the step
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _train_step(ext, x, z, w, b, rm, rv, dy)
+        got = _train_step(ext, x, z, w, b, rm, rv, dy)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    busy = not stream.query()
+    torch.cuda.synchronize()
+    assert busy, "the training step waited for the GPU (a host synchronisation)"
+    for a, b_ in zip(got, want):
+        assert torch.equal(_bits(a), _bits(b_))
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
 
 
 @pytest.mark.cuda

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -10,6 +11,12 @@ from torch import nn
 from .. import _backend
 from ..ops import bn_add_relu as _op
 from ..ops import sync_bn_add_relu as _sync_op
+
+
+# nn.BatchNorm2d's constructor differs between torch releases (``bias: bool``, keyword-only, since torch 2.14):
+# BatchNormAddReLU2d takes exactly the installed torch's, detected rather than assumed.
+STOCK_HAS_BIAS = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
+_UNSET = object()
 
 
 class BatchNormAddReLU2d(nn.BatchNorm2d):
@@ -38,10 +45,18 @@ class BatchNormAddReLU2d(nn.BatchNorm2d):
     process_group = None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, relu: bool = True, device=None, dtype=None,
-                 backend: Optional[str] = None, process_group=None):
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = _UNSET,
+                 relu: bool = True, backend: Optional[str] = None, process_group=None):
+        # nn.BatchNorm2d's own signature first (positional and keyword, in its order), then ours, keyword-only.
         _sync_op.check_process_group(process_group)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        stock_kw = {}
+        if bias is not _UNSET:
+            if not STOCK_HAS_BIAS:
+                raise TypeError("BatchNormAddReLU2d.__init__() got an unexpected keyword argument 'bias' (this "
+                                f"torch {torch.__version__}'s nn.BatchNorm2d has no bias argument)")
+            stock_kw["bias"] = bias
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         **stock_kw)
         self.relu = relu
         self.backend = None if backend is None else _backend._check_name(backend)
         self.process_group = process_group

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import _backend
+from ..ops import bn_add_relu as _bn_op
 from ..ops import conv_bn as _op
 
 
@@ -139,6 +140,13 @@ class _ConvBNBlock(nn.Module):
                              f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")
         if x.shape[1] != self.conv1.in_channels:
             raise ValueError(f"input has {x.shape[1]} channels, the block expects {self.conv1.in_channels}")
+        for name, bn in self.named_modules():
+            if isinstance(bn, nn.BatchNorm2d):  # each BN's eps as nn.BatchNorm2d would check it, before any update
+                batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+                try:
+                    _bn_op.check_eps(bn.eps, batch_stats)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
         amp = _autocast_dtype(x)
         if amp is not None:  # the custom ops have no autocast rule: cast as autocast would for the stock convs
             x = x.to(amp)

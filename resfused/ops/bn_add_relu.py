@@ -198,6 +198,36 @@ def _check_sample_scale(sample_scale, input: Tensor) -> None:
         raise ValueError("sample_scale must not require grad: it is not differentiable (pass a detached tensor)")
 
 
+def _eval_accepts_zero_eps() -> bool:
+    """Whether the installed torch's F.batch_norm takes eps=0 with running statistics (torch >= 2.13 does;
+    earlier releases reject eps <= 0 in every mode). Asked of F.batch_norm itself, once, at import."""
+    try:
+        torch.nn.functional.batch_norm(torch.zeros(2, 1), torch.zeros(1), torch.ones(1), training=False, eps=0.0)
+    except ValueError:
+        return False
+    return True
+
+
+_EVAL_ACCEPTS_ZERO_EPS = _eval_accepts_zero_eps()
+
+
+def check_eps(eps, training: bool) -> None:
+    """Reject the eps F.batch_norm rejects, with its error type (ValueError): eps <= 0 when normalising with
+    batch statistics (``training``: F.batch_norm's training flag), eps < 0 with running statistics, and there
+    eps = 0 too where the installed torch rejects it (before 2.13). A NaN eps passes, as in F.batch_norm.
+    Unlike nn.BatchNorm2d, the modules check before counting the batch: a rejected call changes no state.
+    (resfused.fuse_for_inference folds a BN with eps=0 into its conv: see resfused/fuse.py.)"""
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        raise ValueError(f"eps must be a float, got {eps!r}")
+    if training and eps <= 0:
+        raise ValueError(f"eps must be positive when normalising with batch statistics (training), got {eps!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be non-negative, got {eps!r}")
+    if eps == 0 and not _EVAL_ACCEPTS_ZERO_EPS:
+        raise ValueError(f"eps must be positive (this torch {torch.__version__}'s F.batch_norm rejects eps=0 in "
+                         f"every mode), got {eps!r}")
+
+
 def validate_args(input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
                   sample_scale=None):
     if not isinstance(input, Tensor):
@@ -226,8 +256,7 @@ def validate_args(input, residual, running_mean, running_var, weight, bias, trai
     _check_sample_scale(sample_scale, input)
     if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
         raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    check_eps(eps, training)
     if training and input.numel() // max(c, 1) <= 1 and input.numel() > 0:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 

@@ -44,6 +44,7 @@ import torch
 from .. import _backend, _layout
 from ..reference import conv_bn as _reference
 from .conv_bias_act import _pair, output_shape
+from . import bn_add_relu as _bn_op
 
 Tensor = torch.Tensor
 
@@ -382,6 +383,8 @@ def conv_bn(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, groups: 
             raise ValueError("running stats are updated only with stats=True")
         _check_vector("running_mean", running_mean, shape[1], x.device)
         _check_vector("running_var", running_var, shape[1], x.device)
+    if stats:
+        _bn_op.check_eps(eps, True)
     if stats and shape[0] * shape[2] * shape[3] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got output size {shape}")
     name = resolve(backend, x)
