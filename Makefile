@@ -2,6 +2,10 @@
 #             when a CUDA toolkit is present), run the tests
 # make bench  the benchmarks: kernel + model suites on a GPU; on a CPU-only machine, says so and runs
 #             the CPU-meaningful checks
+# make test-compat   the same on the GPU machine's stack (Python 3.12, torch 2.11.0, triton 3.6.0,
+#             torchvision 0.26.0, numpy < 2.4) in .venv-compat: builds _C against torch 2.11's headers and runs
+#             the CPU suite but the slow whole-model tests (COMPAT_PYTEST_ARGS), so a version mismatch shows
+#             here, not in device minutes
 # RESFUSED_SKIP_CUDA_BUILD=1 skips the CUDA C++ build; RESFUSED_FORCE_CUDA_BUILD=1 makes it mandatory.
 
 VENV   ?= .venv
@@ -12,13 +16,21 @@ DEPS   := torch==2.14.1 torchvision==0.29.1 triton==3.8.0
 TOOLS  := pytest pytest-xdist pytest-benchmark numpy matplotlib tqdm ninja timm hypothesis
 PYTEST_ARGS ?= -n 2
 
+# The lent GPU machine's stack (bench/gpu_check.sh runs there): see `make test-compat`.
+COMPAT_VENV   ?= .venv-compat
+COMPAT_PY     := $(COMPAT_VENV)/bin/python
+COMPAT_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12) python3)
+COMPAT_DEPS   := torch==2.11.0 torchvision==0.26.0 triton==3.6.0 "numpy<2.4"
+COMPAT_STAMP  := $(COMPAT_VENV)/.resfused-installed
+COMPAT_PYTEST_ARGS ?= -n 2 -m "not slow"
+
 ifeq ($(CUDA_HOME),)
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME := /usr/local/cuda
 endif
 endif
 
-.PHONY: test bench install clean
+.PHONY: test test-compat bench install clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,7 +40,7 @@ $(VENV)/.deps: | $(PY)
 	$(PIP) install -q $(DEPS) $(TOOLS)
 	touch $@
 
-$(STAMP): $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*)
+$(STAMP): $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/* csrc/*/*)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -38,8 +50,25 @@ test: $(STAMP)
 	$(PY) -m resfused
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+$(COMPAT_PY):
+	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+
+$(COMPAT_VENV)/.deps: | $(COMPAT_PY)
+	$(COMPAT_PY) -m pip install -q --upgrade pip
+	$(COMPAT_PY) -m pip install -q $(COMPAT_DEPS) $(filter-out numpy,$(TOOLS)) pytest-timeout
+	touch $@
+
+$(COMPAT_STAMP): $(COMPAT_VENV)/.deps setup.py pyproject.toml $(wildcard csrc/* csrc/*/*)
+	$(COMPAT_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT_PY) -m resfused
+	$(COMPAT_PY) -c "import torch, triton, torchvision, numpy, sys; print('compat stack:', sys.version.split()[0], torch.__version__, triton.__version__, torchvision.__version__, numpy.__version__)"
+	$(COMPAT_PY) -m pytest -q $(COMPAT_PYTEST_ARGS) tests
+
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf build *.egg-info resfused/_C*.so $(STAMP)
+	rm -rf build *.egg-info resfused/_C*.so $(STAMP) $(COMPAT_STAMP)
