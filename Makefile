@@ -13,7 +13,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.resfused-installed
 DEPS   := torch==2.14.1 torchvision==0.29.1 triton==3.8.0
-TOOLS  := pytest pytest-xdist pytest-benchmark numpy matplotlib tqdm ninja timm hypothesis
+TOOLS  := pytest pytest-xdist pytest-timeout pytest-benchmark numpy matplotlib tqdm ninja timm hypothesis
 PYTEST_ARGS ?= -n 2
 
 # The lent GPU machine's stack (bench/gpu_check.sh runs there): see `make test-compat`.
@@ -55,7 +55,7 @@ $(COMPAT_PY):
 
 $(COMPAT_VENV)/.deps: | $(COMPAT_PY)
 	$(COMPAT_PY) -m pip install -q --upgrade pip
-	$(COMPAT_PY) -m pip install -q $(COMPAT_DEPS) $(filter-out numpy,$(TOOLS)) pytest-timeout
+	$(COMPAT_PY) -m pip install -q $(COMPAT_DEPS) $(filter-out numpy,$(TOOLS))
 	touch $@
 
 $(COMPAT_STAMP): $(COMPAT_VENV)/.deps setup.py pyproject.toml $(wildcard csrc/* csrc/*/*)

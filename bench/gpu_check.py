@@ -358,11 +358,12 @@ class Check:
 
 
 def run_bounded(argv: list, log: Path, env: dict, limit_s: float) -> int:
-    """Run argv in its own process group with output to ``log``; at the limit SIGTERM the group (run.py then
-    writes what it has), SIGKILL 10 s later. Returns the exit status, 124 on a timeout."""
+    """Run argv in its own process group (same session: whoever ends the check's session ends it too) with output
+    to ``log``; at the limit SIGTERM the group (run.py then writes what it has), SIGKILL 10 s later. Returns the
+    exit status, 124 on a timeout."""
     with open(log, "wb") as f:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                process_group=0)
         try:
             return proc.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:

@@ -40,6 +40,16 @@ def _run(tmp_path, *args, timeout=900, **env):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _kill_session(sid: int) -> None:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 def _steps(out: Path) -> list[dict]:
     return json.loads((out / "gpu_check.json").read_text())["steps"]
 
@@ -155,7 +165,7 @@ def test_a_kill_in_the_middle_of_the_bench_leaves_valid_json(tmp_path):
             time.sleep(0.2)
         assert proc.poll() is None, "the check ended before three rows were written"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_session(proc.pid)  # the check and every step it started: each step has a group of its own
         proc.wait()
     doc = _schema.load_result(bench)  # valid against the schema, not only JSON
     assert len(doc["rows"]) >= 3 and doc["complete"] is False
@@ -245,3 +255,53 @@ def test_model_gate_is_relative_to_stock_in_the_same_regime():
     assert _gate.check_model((ref64 * (1 + 1.5e-3)).float(), ref64, stock) <= 1
     with pytest.raises(AssertionError, match="twice stock's"):
         _gate.check_model((ref64 * 1.01).float(), ref64, stock)
+
+
+# ---------------------------------------------------------------------------------------------------
+# on a GPU (the tests step of the check runs these)
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+def test_cuda_event_timer_agrees_with_the_wall_clock_on_a_gpu_sleep():
+    """CUDA events around torch.cuda._sleep against a synchronized wall clock over the same calls, and linear in
+    the sleep's length: the timer measures GPU time."""
+    torch.cuda.synchronize()
+    cycles = 2_000_000
+    timer = _harness.CudaEventTimer(warmup_ms=5, rep_ms=50, min_reps=10, max_reps=50)
+    one = timer(lambda i: torch.cuda._sleep(cycles)).p50_ms
+    two = timer(lambda i: torch.cuda._sleep(2 * cycles)).p50_ms
+    assert 1.7 < two / one < 2.3
+    t0 = time.perf_counter()
+    for _ in range(20):
+        torch.cuda._sleep(cycles)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) * 1e3 / 20
+    assert 0.8 < wall / one < 1.25
+
+
+@pytest.mark.cuda
+def test_copy_bandwidth_of_a_1gib_copy_is_plausible():
+    bw = _harness.copy_bandwidth_GBps(torch.device("cuda"), _harness.CudaEventTimer(warmup_ms=5, rep_ms=30))
+    assert 300 < bw < 20000, bw  # read + write of 1 GiB; an H100's HBM3 gives about 3000
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(240)
+def test_run_py_end_to_end_on_gpu_at_tiny_shapes(tmp_path):
+    """bench/run.py's headline plan on the GPU at tiny shapes: every resfused backend runs (none skipped), rows
+    carry their path, gate and wall time, the JSON is complete."""
+    path = tmp_path / "tiny.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--plan", "headline", "--batch", "2", "--model",
+           "resnet18", "--model-batch", "2", "--image-size", "32", "--impls", "eager", "resfused-cuda",
+           "resfused-triton", "--no-report", "--no-progress", "--json", str(path)]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}, "PYTHONPATH": str(ROOT),
+           "RESFUSED_TRITON_AUTOTUNE": "0"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=230)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    doc = _schema.load_result(path)
+    assert doc["complete"] and doc["device_type"] == "cuda" and doc["errors"] == []
+    impls = {r["impl"] for r in doc["rows"]}
+    assert {"eager", "resfused-cuda", "resfused-triton", "resfused", "resfused-fused-cuda",
+            "resfused-fused-triton", "resfused-convbn-cuda", "resfused-convbn-triton"} <= impls
+    assert all(r["path"] and r["wall_ms"] > 0 for r in doc["rows"])
+    assert doc.get("driver") and doc["nvidia_smi"]["clocks.max.sm"]
