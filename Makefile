@@ -28,7 +28,7 @@ $(VENV)/.deps: | $(PY)
 	$(PIP) install -q $(DEPS) $(TOOLS)
 	touch $@
 
-$(STAMP): $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*)
+$(STAMP): $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*) $(wildcard csrc/bn_add_relu/*)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
