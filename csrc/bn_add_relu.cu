@@ -66,12 +66,12 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <map>
 #include <mutex>
 #include <set>
-#include <tuple>
 #include <utility>
 
+#include <c10/core/Allocator.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
@@ -166,26 +166,41 @@ int64_t persistent_cache_cap() {
   return n;
 }
 
-// Plans are pure functions of (shape, dtype, layout, device, scheme, cache cap, what is computed):
-// computed once, then served from a cache, so steady-state calls (and CUDA graph capture after a
-// warm-up) make no CUDA API calls besides the launches.
-template <class Make>
-Plan cached_plan(const Shape& s, Scheme requested, int kind, int64_t cache_cap, const Make& make) {
-  using Key = std::tuple<int, int, int64_t, int64_t, int64_t, int, int, int64_t, int>;
-  static std::mutex mu;
-  static std::map<Key, Plan> cache;
-  const Key key{static_cast<int>(s.dtype), static_cast<int>(s.layout), s.n, s.c, s.hw, s.device,
-                static_cast<int>(resolve(requested)), cache_cap, kind};
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
+PlanCache& plans() {
+  static PlanCache* cache = new PlanCache();  // never destroyed: plans may be asked for at exit
+  return *cache;
+}
+
+bool dispatch_forward_train(const Shape& s, const Plan& plan, const ForwardTrainArgs& a, cudaStream_t stream) {
+  switch (s.dtype) {
+    case DType::kFloat:
+      return gpu::forward_train_f32(s, plan, a, stream);
+    case DType::kHalf:
+      return gpu::forward_train_f16(s, plan, a, stream);
+    default:
+      return gpu::forward_train_bf16(s, plan, a, stream);
   }
-  const Plan plan = make();
-  std::lock_guard<std::mutex> lock(mu);
-  if (cache.size() > 4096) cache.clear();  // bound the memory of shape-polymorphic workloads
-  cache.emplace(key, plan);
-  return plan;
+}
+
+bool dispatch_backward(const Shape& s, const Plan& plan, const BackwardArgs& a, cudaStream_t stream) {
+  switch (s.dtype) {
+    case DType::kFloat:
+      return gpu::backward_f32(s, plan, a, stream);
+    case DType::kHalf:
+      return gpu::backward_f16(s, plan, a, stream);
+    default:
+      return gpu::backward_bf16(s, plan, a, stream);
+  }
+}
+
+// A two-pass plan's workspace when it needs more than the caller allocated for the refused plan (through
+// PyTorch's caching allocator, on the current stream: freed when the caller's launches are queued).
+c10::DataPtr fallback_workspace(const Plan& refused, const Plan& two_pass, float*& workspace) {
+  if (two_pass.workspace_floats <= refused.workspace_floats) return c10::DataPtr();
+  c10::DataPtr p = c10::cuda::CUDACachingAllocator::get()->allocate(
+      static_cast<size_t>(two_pass.workspace_floats) * sizeof(float));
+  workspace = static_cast<float*>(p.get());
+  return p;
 }
 
 }  // namespace
@@ -200,32 +215,32 @@ int requested_scheme_from_env() {
 
 Plan plan_forward_train(const Shape& s, Scheme requested) {
   const int64_t cap = persistent_cache_cap();
-  return cached_plan(s, requested, 0, cap, [&] { return make_forward_train_plan(s, requested, cap, GpuTarget(s.device)); });
+  return plans().get(PlanCache::key(s, requested, cap, 0),
+                     [&] { return make_forward_train_plan(s, requested, cap, GpuTarget(s.device)); });
 }
 
 Plan plan_backward(const Shape& s, Scheme requested, bool training, bool need_input_grad, bool need_residual_grad,
                    bool need_weight_grad) {
   (void)need_residual_grad;
-  const bool train_dx = training && need_input_grad;
-  const bool sums = need_weight_grad || train_dx;
   const int64_t cap = persistent_cache_cap();
-  return cached_plan(s, requested, 1 + 2 * train_dx + sums, cap, [&] {
-    return make_backward_plan(s, requested, training, need_input_grad, need_weight_grad, cap, GpuTarget(s.device));
-  });
+  return plans().get(PlanCache::key(s, requested, cap, backward_kind(training, need_input_grad, need_weight_grad)),
+                     [&] {
+                       return make_backward_plan(s, requested, training, need_input_grad, need_weight_grad, cap,
+                                                 GpuTarget(s.device));
+                     });
 }
 
+// A refused cooperative launch (cudaErrorCooperativeLaunchTooLarge: fewer blocks co-resident than the
+// occupancy query promised, e.g. SMs held by another context or an MPS limit) wrote nothing: the call runs
+// two-pass, and the shape's cached plan becomes the two-pass one, so later calls do not try again.
 void launch_forward_train(const Shape& s, const Plan& plan, const ForwardTrainArgs& a, cudaStream_t stream) {
-  switch (s.dtype) {
-    case DType::kFloat:
-      gpu::forward_train_f32(s, plan, a, stream);
-      return;
-    case DType::kHalf:
-      gpu::forward_train_f16(s, plan, a, stream);
-      return;
-    case DType::kBFloat16:
-      gpu::forward_train_bf16(s, plan, a, stream);
-      return;
-  }
+  if (dispatch_forward_train(s, plan, a, stream)) return;
+  const int64_t cap = persistent_cache_cap();
+  const Plan two = make_forward_train_plan(s, Scheme::kTwoPass, cap, GpuTarget(s.device));
+  plans().put(PlanCache::key(s, Scheme::kPersistent, cap, 0), two);
+  ForwardTrainArgs b = a;
+  const c10::DataPtr ws = fallback_workspace(plan, two, b.workspace);
+  TORCH_CHECK(dispatch_forward_train(s, two, b, stream), "resfused_cuda: two-pass forward refused");
 }
 
 void launch_forward_eval(const Shape& s, const ForwardEvalArgs& a, cudaStream_t stream) {
@@ -240,17 +255,16 @@ void launch_forward_eval(const Shape& s, const ForwardEvalArgs& a, cudaStream_t 
 }
 
 void launch_backward(const Shape& s, const Plan& plan, const BackwardArgs& a, cudaStream_t stream) {
-  switch (s.dtype) {
-    case DType::kFloat:
-      gpu::backward_f32(s, plan, a, stream);
-      return;
-    case DType::kHalf:
-      gpu::backward_f16(s, plan, a, stream);
-      return;
-    case DType::kBFloat16:
-      gpu::backward_bf16(s, plan, a, stream);
-      return;
-  }
+  if (dispatch_backward(s, plan, a, stream)) return;
+  const int64_t cap = persistent_cache_cap();
+  const Plan two = make_backward_plan(s, Scheme::kTwoPass, a.training, a.need_input_grad, a.need_weight_grad, cap,
+                                      GpuTarget(s.device));
+  plans().put(PlanCache::key(s, Scheme::kPersistent, cap, backward_kind(a.training, a.need_input_grad,
+                                                                          a.need_weight_grad)),
+              two);
+  BackwardArgs b = a;
+  const c10::DataPtr ws = fallback_workspace(plan, two, b.workspace);
+  TORCH_CHECK(dispatch_backward(s, two, b, stream), "resfused_cuda: two-pass backward refused");
 }
 
 }  // namespace resfused

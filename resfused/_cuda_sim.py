@@ -33,7 +33,8 @@ import torch
 Tensor = torch.Tensor
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CSRC = os.path.join(_ROOT, "csrc")
+# RESFUSED_SIM_CSRC: another csrc/ tree (tests build deliberately broken copies of the kernels)
+_CSRC = os.environ.get("RESFUSED_SIM_CSRC") or os.path.join(_ROOT, "csrc")
 _SOURCES = ("sim/runtime.cpp", "bn_add_relu/plan.cpp", "sim/bn_add_relu_sim.cpp", "sim/planted.cpp")
 # the kernels' translation unit: every memory access calls the runtime's check hooks (no sanitizer
 # runtime is linked: -fsanitize=kernel-address leaves the callbacks to us)
@@ -109,7 +110,7 @@ def _cache_dir() -> str:
 def _library_path(cxx: str) -> str:
     h = hashlib.sha256()
     for f in _source_files():
-        h.update(f.encode())
+        h.update(os.path.relpath(f, _CSRC).encode())
         with open(f, "rb") as fh:
             h.update(fh.read())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout

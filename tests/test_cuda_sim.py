@@ -389,3 +389,62 @@ def test_refused_cooperative_launch_falls_back_and_is_remembered(monkeypatch, la
         assert sim.plan(x, "forward_train").startswith("two_pass")  # remembered for the shape
         assert sim.plan(x, "backward").startswith("two_pass")
         _train_case(shape, torch.float32, layout)  # later calls run two-pass at once
+
+
+# ---------------------------------------------------------------------------------------------------
+# a real kernel with its barrier removed: caught by the detector in every order
+# ---------------------------------------------------------------------------------------------------
+
+_MISSING_BARRIER_SCRIPT = r"""
+import json, os, sys
+import torch
+import resfused._cuda_sim as sim
+sim.build()
+out = {}
+for scheme in ("two_pass", "persistent"):
+    os.environ["RESFUSED_CUDA_SCHEME"] = scheme
+    x = torch.randn(3, 13, 3, 5, generator=torch.Generator().manual_seed(0))
+    for order in ("forward", "reverse", "random"):
+        with sim.settings(order=order, seed=2, races=False):
+            mean = sim.forward_train(x, None, None, None, None, None, 0.1, 1e-5, True)[2]
+        err = (mean.double() - x.double().mean((0, 2, 3))).abs().max().item()
+        with sim.settings(order=order, seed=2, races=True):
+            try:
+                sim.forward_train(x, None, None, None, None, None, 0.1, 1e-5, True)
+                caught = ""
+            except sim.SimError as e:
+                caught = str(e)
+        out[f"{scheme}/{order}"] = [err, caught]
+print(json.dumps(out))
+"""
+
+
+def test_missing_barrier_in_block_tree_reduce_caught(tmp_path):
+    """A copy of csrc/ whose block_tree_reduce lacks its second __syncthreads (the next level's stores
+    overwrite slots other threads are still reading): without the detector only the forward order hides
+    it; with the detector every order and both schemes report the race in the statistics kernels."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    csrc = tmp_path / "csrc"
+    for sub in ("sim", "bn_add_relu"):
+        shutil.copytree(os.path.join(root, "csrc", sub), csrc / sub)
+    reduce_h = csrc / "bn_add_relu" / "reduce.cuh"
+    text = reduce_h.read_text()
+    intact = "      s.merge(o);\n    }\n    __syncthreads();\n  }\n}"
+    assert intact in text, "block_tree_reduce changed: update this test's mutation"
+    reduce_h.write_text(text.replace(intact, "      s.merge(o);\n    }\n  }\n}"))
+    env = dict(os.environ, RESFUSED_SIM_CSRC=str(csrc), RESFUSED_SIM_CACHE=os.path.join(root, "build", "cuda_sim"))
+    p = subprocess.run([sys.executable, "-c", _MISSING_BARRIER_SCRIPT], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    for key, (err, caught) in res.items():
+        assert "shared-memory race" in caught and ("stats_kernel" in caught or "fwd_persistent_kernel" in caught), \
+            (key, caught)
+        if key.endswith("/reverse"):
+            assert err > 1e-3, f"{key}: the missing barrier should corrupt the mean in reverse order ({err})"

@@ -26,8 +26,13 @@ struct GpuLauncher {
   bool launch_cooperative(Kernel k, Dims grid, Dims block, size_t smem, const KParams& p) {
     KParams copy = p;
     void* args[] = {&copy};
-    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(k), dim3(grid.x, grid.y, grid.z),
-                                               dim3(block.x, block.y, block.z), args, smem, stream));
+    const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(k), dim3(grid.x, grid.y, grid.z),
+                                                        dim3(block.x, block.y, block.z), args, smem, stream);
+    if (err == cudaErrorCooperativeLaunchTooLarge) {  // fewer co-resident blocks than planned: nothing ran
+      (void)cudaGetLastError();
+      return false;
+    }
+    C10_CUDA_CHECK(err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
   }
