@@ -235,9 +235,8 @@ Plan plan_backward(const Shape& s, Scheme requested, bool training, bool need_in
 // two-pass, and the shape's cached plan becomes the two-pass one, so later calls do not try again.
 void launch_forward_train(const Shape& s, const Plan& plan, const ForwardTrainArgs& a, cudaStream_t stream) {
   if (dispatch_forward_train(s, plan, a, stream)) return;
-  const int64_t cap = persistent_cache_cap();
-  const Plan two = make_forward_train_plan(s, Scheme::kTwoPass, cap, GpuTarget(s.device));
-  plans().put(PlanCache::key(s, Scheme::kPersistent, cap, 0), two);
+  const Plan two =
+      refuse_persistent(plans(), s, false, true, true, true, persistent_cache_cap(), GpuTarget(s.device));
   ForwardTrainArgs b = a;
   const c10::DataPtr ws = fallback_workspace(plan, two, b.workspace);
   TORCH_CHECK(dispatch_forward_train(s, two, b, stream), "resfused_cuda: two-pass forward refused");
@@ -256,12 +255,8 @@ void launch_forward_eval(const Shape& s, const ForwardEvalArgs& a, cudaStream_t 
 
 void launch_backward(const Shape& s, const Plan& plan, const BackwardArgs& a, cudaStream_t stream) {
   if (dispatch_backward(s, plan, a, stream)) return;
-  const int64_t cap = persistent_cache_cap();
-  const Plan two = make_backward_plan(s, Scheme::kTwoPass, a.training, a.need_input_grad, a.need_weight_grad, cap,
-                                      GpuTarget(s.device));
-  plans().put(PlanCache::key(s, Scheme::kPersistent, cap, backward_kind(a.training, a.need_input_grad,
-                                                                          a.need_weight_grad)),
-              two);
+  const Plan two = refuse_persistent(plans(), s, true, a.training, a.need_input_grad, a.need_weight_grad,
+                                     persistent_cache_cap(), GpuTarget(s.device));
   BackwardArgs b = a;
   const c10::DataPtr ws = fallback_workspace(plan, two, b.workspace);
   TORCH_CHECK(dispatch_backward(s, two, b, stream), "resfused_cuda: two-pass backward refused");

@@ -347,7 +347,7 @@ def _plan(lib, op: int, shape: tuple, training=True, need_input_grad=True, need_
 def _refuse(lib, op: int, shape: tuple, training=True, need_input_grad=True, need_weight_grad=True):
     out = (ctypes.c_int64 * 10)()
     _check(lib.rf_sim_refuse_persistent(op, *[ctypes.c_int64(v) if i >= 2 else v for i, v in enumerate(shape)],
-                                        _requested_scheme(), ctypes.c_int64(_cache_cap()), int(training),
+                                        ctypes.c_int64(_cache_cap()), int(training),
                                         int(need_input_grad), int(need_weight_grad), out), lib)
     return out
 

@@ -16,6 +16,8 @@ floor); masks bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 
 import pytest
@@ -47,6 +49,22 @@ def _built():
     t = time.time()
     sim.build()
     print(f"cuda_sim build/load: {time.time() - t:.1f} s")
+
+
+@pytest.fixture(autouse=True)
+def _kernel_log(request):
+    """RESFUSED_SIM_KERNEL_LOG=path appends, per test, the kernels it launched (JSON lines): the record
+    of which tests executed which kernel."""
+    path = os.environ.get("RESFUSED_SIM_KERNEL_LOG")
+    if not path:
+        yield
+        return
+    before = sim.kernel_counts()
+    yield
+    after = sim.kernel_counts()
+    ran = sorted(k for k in after if after[k] > before.get(k, 0))
+    with open(path, "a") as f:
+        f.write(json.dumps({"test": request.node.nodeid, "kernels": ran}) + "\n")
 
 
 @pytest.fixture

@@ -236,4 +236,14 @@ int backward_kind(bool training, bool need_input_grad, bool need_weight_grad) {
   return 1 + 2 * train_dx + sums;
 }
 
+Plan refuse_persistent(PlanCache& cache, const Shape& s, bool backward, bool training, bool need_input_grad,
+                       bool need_weight_grad, int64_t cache_cap, const PlanTarget& target) {
+  const Plan two = backward ? make_backward_plan(s, Scheme::kTwoPass, training, need_input_grad, need_weight_grad,
+                                                 cache_cap, target)
+                            : make_forward_train_plan(s, Scheme::kTwoPass, cache_cap, target);
+  const int kind = backward ? backward_kind(training, need_input_grad, need_weight_grad) : 0;
+  cache.put(PlanCache::key(s, Scheme::kPersistent, cache_cap, kind), two);
+  return two;
+}
+
 }  // namespace resfused

@@ -112,4 +112,12 @@ class PlanCache {
 // Backward plan kind of PlanCache.
 int backward_kind(bool training, bool need_input_grad, bool need_weight_grad);
 
+// What to do after the persistent launch of a plan was refused at launch time (the device held fewer
+// co-resident blocks than the occupancy query promised: SMs taken by another context, an MPS limit): the
+// two-pass plan of the same call, which becomes the shape's cached plan for the persistent and auto
+// schemes, so later calls go straight to two-pass. backward false: forward_train (training and the
+// gradient flags unused).
+Plan refuse_persistent(PlanCache& cache, const Shape& s, bool backward, bool training, bool need_input_grad,
+                       bool need_weight_grad, int64_t cache_cap, const PlanTarget& target);
+
 }  // namespace resfused

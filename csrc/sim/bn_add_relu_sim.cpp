@@ -330,19 +330,13 @@ int rf_sim_backward(int dtype, int layout, int64_t n, int64_t c, int64_t hw, con
   });
 }
 
-// A persistent launch of the shape was refused: later plans of (op, shape) are two-pass (the cache's entry
-// for the requested scheme is replaced). out: the two-pass plan.
-int rf_sim_refuse_persistent(int op, int dtype, int layout, int64_t n, int64_t c, int64_t hw, int scheme,
-                             int64_t cache_cap, int training, int need_input_grad, int need_weight_grad,
-                             int64_t* out) {
+// A persistent launch of the shape was refused: the planner's refuse_persistent (as the GPU glue) gives the
+// two-pass plan and makes it the shape's cached plan. out: the two-pass plan.
+int rf_sim_refuse_persistent(int op, int dtype, int layout, int64_t n, int64_t c, int64_t hw, int64_t cache_cap,
+                             int training, int need_input_grad, int need_weight_grad, int64_t* out) {
   return guarded([&] {
-    const Shape s = make_shape(dtype, layout, n, c, hw);
-    SimTarget target;
-    const int kind = op == 0 ? 0 : backward_kind(training != 0, need_input_grad != 0, need_weight_grad != 0);
-    const Plan p = op == 0 ? make_forward_train_plan(s, Scheme::kTwoPass, cache_cap, target)
-                           : make_backward_plan(s, Scheme::kTwoPass, training != 0, need_input_grad != 0,
-                                                need_weight_grad != 0, cache_cap, target);
-    g_plans.put(PlanCache::key(s, make_scheme(scheme), cache_cap, kind), p);
+    const Plan p = refuse_persistent(g_plans, make_shape(dtype, layout, n, c, hw), op != 0, training != 0,
+                                     need_input_grad != 0, need_weight_grad != 0, cache_cap, SimTarget());
     plan_to_array(p, out);
     return 0;
   });
