@@ -22,6 +22,7 @@ namespace {
 constexpr size_t kStackBytes = 64 * 1024;
 constexpr size_t kStaticSharedBytes = 48 * 1024;  // CUDA's limit on static shared memory per block
 constexpr size_t kStateBytes = 256;                // ThreadState at the base of each fiber's allocation
+constexpr uint64_t kCanary = 0x5eedc0de5eedc0deull;  // at the bottom of each stack: overflow shows
 
 enum State : int { kRunnable = 0, kAtBlockBarrier = 1, kAtGridBarrier = 2, kDone = 3 };
 
@@ -116,6 +117,11 @@ void resume(Fiber* f) {
   }
   g_fiber = nullptr;
   g_current = nullptr;
+  uint64_t canary;
+  std::memcpy(&canary, f->base + kStateBytes, sizeof canary);
+  if (canary != kCanary && g_error.empty())
+    g_error = std::string("kernel ") + g_launch.kernel + ": a thread overflowed its " +
+              std::to_string(kStackBytes / 1024) + " KiB fiber stack";
 }
 
 void wait_at(int state, const char* file, int line) {
@@ -202,6 +208,7 @@ void setup_block(Block& b, Fiber* fibers, size_t first_stack, Index3 idx, size_t
     f->started = false;
     f->block = &b;
     getcontext(&f->uc);
+    std::memcpy(f->base + kStateBytes, &kCanary, sizeof kCanary);
     f->uc.uc_stack.ss_sp = f->base + kStateBytes;
     f->uc.uc_stack.ss_size = kStackBytes - kStateBytes;
     f->uc.uc_link = nullptr;
