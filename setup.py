@@ -86,7 +86,11 @@ def _cuda_extension():
         return _give_up("torch is a CPU-only build")
     if CUDA_HOME is None:
         return _give_up("no CUDA toolkit found (set CUDA_HOME)")
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    # csrc/*.{cpp,cu} and each op's folder of translation units (csrc/bn_add_relu/); csrc/sim/ is the CPU
+    # test runtime, built by resfused/_cuda_sim.py, never into _C
+    sources = sorted(
+        glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu"))
+        + glob.glob(os.path.join("csrc", "bn_add_relu", "*.cpp")) + glob.glob(os.path.join("csrc", "bn_add_relu", "*.cu")))
     if not sources:
         return _give_up("csrc/ holds no sources")
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():

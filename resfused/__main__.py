@@ -23,7 +23,7 @@ def main() -> None:
         print("device: no CUDA device")
     print(f"TRITON_INTERPRET={'1' if _backend.triton_interpreted() else 'unset'}; "
           f"default backend: {resfused.get_backend()}")
-    for name in ("cuda", "triton", "reference"):
+    for name in ("cuda", "triton", "reference", "cuda_sim"):
         why = _backend.unavailable_reason(name)
         print(f"  {name:9s} {'available' if why is None else 'unavailable: ' + why}")
     if _backend._cuda_ext_error() is None:

@@ -5,6 +5,9 @@ Backends:
   triton     resfused.triton_kernels; CUDA tensors, or CPU tensors when TRITON_INTERPRET=1.
   cuda       resfused._C (CUDA C++); CUDA tensors of fp32/fp16/bf16; no per-sample scale (sample_scale,
              drop-path) yet: calls with one resolve as if cuda were unavailable.
+  cuda_sim   a correctness tool for tests, not for use: the cuda backend's C++ kernels (BN + add + ReLU
+             only) run on CPU tensors by a CPU SIMT runtime (resfused/_cuda_sim.py); available once built
+             (resfused._cuda_sim.build()), never picked by auto.
 
 Only ``auto`` falls back; an explicitly requested backend that cannot run a call raises.
 """
@@ -21,7 +24,7 @@ import torch
 
 logger = logging.getLogger("resfused")
 
-BACKENDS = ("auto", "cuda", "triton", "reference")
+BACKENDS = ("auto", "cuda", "triton", "reference", "cuda_sim")
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _selected: Optional[str] = None  # set_backend(); None means "use RESFUSED_BACKEND or auto"
@@ -34,7 +37,7 @@ def _check_name(name: str, argname: str = "backend") -> str:
 
 
 def set_backend(name: Optional[str]) -> None:
-    """Set the process-wide default backend ("auto", "cuda", "triton", "reference"); None resets."""
+    """Set the process-wide default backend ("auto", "cuda", "triton", "reference", "cuda_sim"); None resets."""
     global _selected
     _selected = None if name is None else _check_name(name)
 
@@ -129,6 +132,21 @@ def unavailable_reason(name: str, device: Optional[torch.device] = None, dtype: 
         if sample_scale:
             return "the cuda backend does not implement sample_scale (the per-sample drop-path scale) yet"
         return None
+    if name == "cuda_sim":
+        from . import _cuda_sim
+
+        err = _cuda_sim.unavailable_reason()
+        if err:
+            return err
+        if device is None:
+            return None
+        if device.type != "cpu":
+            return f"the cuda_sim backend runs on CPU tensors, got a {device.type} tensor"
+        if dtype is not None and dtype not in _CUDA_DTYPES:
+            return f"the cuda_sim backend supports float32, float16 and bfloat16, got {dtype}"
+        if sample_scale:
+            return "the cuda_sim backend does not implement sample_scale (as the cuda backend)"
+        return None
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 
@@ -148,8 +166,8 @@ def cuda_op_missing(qualified_name: str, source: str) -> Optional[str]:
 
 
 def available_backends() -> list[str]:
-    """Backends usable on this machine (for some device), fastest first."""
-    return [b for b in ("cuda", "triton", "reference") if unavailable_reason(b) is None]
+    """Backends usable on this machine (for some device), fastest first (cuda_sim, a test tool, last)."""
+    return [b for b in ("cuda", "triton", "reference", "cuda_sim") if unavailable_reason(b) is None]
 
 
 _logged: set = set()
@@ -170,6 +188,8 @@ def resolve_with(reason, backend: Optional[str], tensor: torch.Tensor, op: str =
     """
     name = get_backend() if backend is None else _check_name(backend)
     for_op = f" for {op}" if op else ""
+    if name == "cuda_sim" and op:
+        raise RuntimeError(f"resfused backend 'cuda_sim' runs only the BN + add + ReLU ops, not {op}")
     if name != "auto":
         why = reason(name, tensor.device, tensor.dtype)
         if why is not None:

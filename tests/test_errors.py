@@ -84,7 +84,7 @@ def test_one_value_per_channel_when_training():
 
 
 def test_unknown_backend_name():
-    _expect(ValueError, r"backend must be one of \('auto', 'cuda', 'triton', 'reference'\), got 'cudnn'",
+    _expect(ValueError, r"backend must be one of \('auto', 'cuda', 'triton', 'reference', 'cuda_sim'\), got 'cudnn'",
             backend="cudnn")
     with pytest.raises(ValueError, match="got 'fast'"):
         resfused.set_backend("fast")

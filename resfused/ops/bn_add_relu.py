@@ -39,6 +39,8 @@ def _backend_impl(name: str):
         return types.SimpleNamespace(forward_train=ops.bn_add_relu_forward_train,
                                      forward_eval=ops.bn_add_relu_forward_eval,
                                      backward=ops.bn_add_relu_backward)
+    if name == "cuda_sim":
+        return importlib.import_module("resfused._cuda_sim")
     raise ValueError(f"unknown resfused backend {name!r}")
 
 
@@ -47,8 +49,8 @@ def _sample_scale_args(backend: str, sample_scale: Optional[Tensor]) -> tuple:
     ops have no such argument, and cannot run a call with one)."""
     if sample_scale is None:
         return ()
-    if backend == "cuda":
-        raise RuntimeError("resfused backend 'cuda' does not implement sample_scale (the per-sample drop-path "
+    if backend in ("cuda", "cuda_sim"):
+        raise RuntimeError(f"resfused backend {backend!r} does not implement sample_scale (the per-sample drop-path "
                            "scale) yet; use backend 'triton' or 'reference' (auto picks triton on CUDA tensors)")
     return (sample_scale,)
 
@@ -281,7 +283,8 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
         weight, bias: None or (C,) tensors. Statistics and affine math run in float32 (float64 for
             float64 input); other parameter dtypes are cast, and running stats written back in their dtype.
         relu: apply the ReLU (False gives ``bn(input) + residual``).
-        backend: "auto", "cuda", "triton", "reference", or None for resfused.get_backend().
+        backend: "auto", "cuda", "triton", "reference", "cuda_sim" (a test tool: the CUDA kernels on CPU
+            tensors, resfused/_cuda_sim.py), or None for resfused.get_backend().
         sample_scale: None or an (N,) tensor in the statistics dtype (float32; float64 for float64
             input) on input's device: per-sample factors on the normalised branch (0 for a dropped
             sample, 1/keep_prob for a kept one). Batch statistics are still those of ``input``. Not
