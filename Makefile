@@ -2,6 +2,8 @@
 #             when a CUDA toolkit is present), run the tests
 # make bench  the benchmarks: kernel + model suites on a GPU; on a CPU-only machine, says so and runs
 #             the CPU-meaningful checks
+# make static        static kernel report for H100 (sm_90, no GPU needed) -> bench/results/static/sm90.{json,md}
+# make static-check  its CI subset: fails when a kernel no longer compiles or a config in use spills
 # RESFUSED_SKIP_CUDA_BUILD=1 skips the CUDA C++ build; RESFUSED_FORCE_CUDA_BUILD=1 makes it mandatory.
 
 VENV   ?= .venv
@@ -18,7 +20,7 @@ export CUDA_HOME := /usr/local/cuda
 endif
 endif
 
-.PHONY: test bench install clean
+.PHONY: test bench static static-check install clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -40,6 +42,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+static: $(STAMP)
+	$(PY) bench/static_report.py
+
+static-check: $(STAMP)
+	$(PY) bench/static_report.py --check
 
 clean:
 	rm -rf build *.egg-info resfused/_C*.so $(STAMP)
