@@ -49,9 +49,6 @@ import time
 import traceback
 from typing import Callable, Optional
 
-os.environ.pop("TRITON_INTERPRET", None)  # the launchers' GPU paths (autotune lists, GPU tile heuristics)
-os.environ["RESFUSED_TRITON_AUTOTUNE"] = "1"
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(ROOT, "bench", "results", "static")
 CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
@@ -774,6 +771,9 @@ def main(argv=None) -> int:
     ap.add_argument("--filter", default=None, help="only Triton cases whose family/site/shape contains this")
     ap.add_argument("--markdown", default=None, metavar="JSON", help="only regenerate the markdown of JSON")
     args = ap.parse_args(argv)
+    # the launchers' GPU paths (autotune lists, GPU tile heuristics): set before resfused.triton_kernels loads
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["RESFUSED_TRITON_AUTOTUNE"] = "1"
 
     if args.markdown:
         with open(args.markdown) as f:
