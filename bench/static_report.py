@@ -591,6 +591,8 @@ def csrc_rows() -> list[dict]:
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
     ptxas = os.path.join(CUDA_HOME, "bin", "ptxas")
     filt = os.path.join(CUDA_HOME, "bin", "cu++filt")
+    if not os.path.exists(filt):
+        filt = shutil.which("cu++filt") or shutil.which("c++filt") or "c++filt"
     for name in sorted(os.listdir(os.path.join(ROOT, "csrc"))):
         if not name.endswith(".cu"):
             continue
@@ -637,6 +639,14 @@ def csrc_rows() -> list[dict]:
             row.update(analyse_ptx(bodies.get(mangled, "")))
             rows.append(row)
     return rows
+
+
+def _csrc_rows_or_error() -> list[dict]:
+    try:
+        return csrc_rows()
+    except Exception as e:  # noqa: BLE001 - a row that fails the check, not a lost report
+        return [dict(backend="cuda", family="csrc", site="all", shape="any", dtype="", layout="", config="",
+                     kernel="csrc", in_use=True, error=f"{type(e).__name__}: {e}")]
 
 
 def _split_ptx_entries(ptx: str) -> dict:
@@ -806,7 +816,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(max(1, args.jobs)) as pool:
-        csrc_async = None if args.no_csrc else pool.apply_async(csrc_rows)
+        csrc_async = None if args.no_csrc else pool.apply_async(_csrc_rows_or_error)
         for i, case_rows in enumerate(pool.imap(_run_case_index, range(len(cases)), chunksize=1)):
             rows.extend(case_rows)
             bad = sum(1 for r in case_rows if r.get("error"))
