@@ -6,6 +6,8 @@
 #             torchvision 0.26.0, numpy < 2.4) in .venv-compat: builds _C against torch 2.11's headers and runs
 #             the CPU suite but the slow whole-model tests (COMPAT_PYTEST_ARGS), so a version mismatch shows
 #             here, not in device minutes
+# make static        static kernel report for H100 (sm_90, no GPU needed) -> bench/results/static/sm90.{json,md}
+# make static-check  its CI subset: fails when a kernel no longer compiles or a config in use spills
 # RESFUSED_SKIP_CUDA_BUILD=1 skips the CUDA C++ build; RESFUSED_FORCE_CUDA_BUILD=1 makes it mandatory.
 
 VENV   ?= .venv
@@ -30,7 +32,7 @@ export CUDA_HOME := /usr/local/cuda
 endif
 endif
 
-.PHONY: test test-compat bench install clean
+.PHONY: test test-compat bench static static-check install clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -69,6 +71,12 @@ test-compat: $(COMPAT_STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+static: $(STAMP)
+	$(PY) bench/static_report.py
+
+static-check: $(STAMP)
+	$(PY) bench/static_report.py --check
 
 clean:
 	rm -rf build *.egg-info resfused/_C*.so $(STAMP) $(COMPAT_STAMP)

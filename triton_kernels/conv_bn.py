@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv_bias_act import _FLAT_K_BELOW, _gemm_tile, _gpu_configs, _mma, _out_size, input_precision
+from .conv_bias_act import _FLAT_K_BELOW, _PRUNE, _gemm_tile, _gpu_configs, _mma, _out_size, input_precision
 
 Tensor = torch.Tensor
 
@@ -221,7 +221,7 @@ def _bn_stats_finalize_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, mean_ptr, invstd_ptr
         tl.store(rvar_ptr + rc, (1.0 - momentum) * rv + momentum * unbiased, mask=c_ok)
 
 
-_AUTOTUNE_KEY = ["M_BUCKET", "C_IN_G", "C_OUT_G", "KH", "KW", "STRIDE_H", "FLAT_K", "PROLOGUE", "STATS"]
+_AUTOTUNE_KEY = ["M_BUCKET", "C_IN_G", "C_OUT_G", "KH", "KW", "STRIDE_H", "FLAT_K", "PROLOGUE", "STATS", "sxc"]
 _AUTOTUNE = os.environ.get("RESFUSED_TRITON_AUTOTUNE", "1") not in ("", "0")
 
 if _INTERPRET:
@@ -231,7 +231,8 @@ if _INTERPRET:
     _FIXED = {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128}
     _MIN_BLOCK_M = None
 elif _AUTOTUNE:
-    _kernel = triton.autotune(configs=_gpu_configs(), key=_AUTOTUNE_KEY, restore_value=["pcnt_ptr"])(
+    _kernel = triton.autotune(configs=_gpu_configs(), key=_AUTOTUNE_KEY, restore_value=["pcnt_ptr"],
+                              prune_configs_by=_PRUNE)(
         _conv_bn_fwd_kernel)
     _FIXED = {}
     _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _gpu_configs())
