@@ -10,8 +10,10 @@ separate bias/add/ReLU, torch.cudnn_convolution_add_relu and torch.compile), and
 freezing), in that order (bn, model, conv: the model rows before the slower conv compiles), one JSON into
 bench/results/ (or --out / --json), then bench/report.py's markdown and PNGs next to it.
 Without a GPU (or with --cpu): says so first, checks resfused.convert(resnet50) against stock on CPU
-(reference backend), times the reference paths on small shapes labelled CPU, writes the JSON to
-bench/results/cpu/ (not committed) and exits 0 unless a check or a case failed.
+(reference backend), times the reference paths on small shapes labelled CPU, adds bench/bench_cpu.py's CPU
+model rows (ResNet-50 fp32, 8x112x112: stock, convert, fuse_for_inference, the torch.jit anchor; ratios from
+one run; --no-cpu-rows leaves them out), writes the JSON to bench/results/cpu/ (not committed) and exits 0
+unless a check or a case failed. The committed CPU summary: `python -m bench.bench_cpu --summary`.
 
 Plans: full (default), quick (--quick), headline (bench/gpu_check.sh's first bench step: the numbers that
 matter, about 3 minutes on a cold H100), rest (the quick plan's other rows, then the compiles; gpu_check.sh runs
@@ -101,6 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "fp32 on CPU")
     m.add_argument("--model-modes", nargs="+", choices=("train", "infer"), default=("train", "infer"))
     m.add_argument("--model-impls", nargs="+", help="names from bench_resnet.MODEL_IMPLS")
+    m.add_argument("--no-cpu-rows", dest="cpu_rows", action="store_false",
+                   help="without a GPU: leave out bench/bench_cpu.py's ResNet-50 8x112x112 rows (about a minute)")
     args = p.parse_args(argv)
     if args.plan is None:
         args.plan = "quick" if args.quick else "full"
@@ -350,6 +354,10 @@ def main(argv=None) -> int:
                 if s["impl"].startswith("resfused") and not s["impl"].endswith("reference"):
                     doc["errors"].append({"suite": s["suite"], "impl": s["impl"],
                                           "error": f"not run on a GPU ({s['cases']} cases): {s['reason']}"})
+        if not gpu and not args.simulate and args.cpu_rows and args.suite in ("model", "all"):
+            from bench import bench_cpu  # ResNet-50 fp32 8x112x112 on CPU: stock, convert, fused, jit anchor
+            print("CPU model rows (bench/bench_cpu.py): resnet50 fp32 8x3x112x112 ...", flush=True)
+            bench_cpu.run_cpu_rows(doc, show_progress=show)
     except (_Terminated, KeyboardInterrupt) as e:  # keep what was measured; the run still fails
         what = "SIGTERM (a timeout?)" if isinstance(e, _Terminated) else "Ctrl-C"
         doc["notes"].append(f"Interrupted by {what}: partial results.")

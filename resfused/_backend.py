@@ -10,6 +10,15 @@ Backends:
              (resfused._cuda_sim.build()), never picked by auto.
 
 Only ``auto`` falls back; an explicitly requested backend that cannot run a call raises.
+
+CPU fast paths (not names a caller passes: what ``auto`` resolves to on CPU tensors, so that an explicit
+"reference" stays the float64-exact test oracle):
+  native     the BN + add + ReLU ops on CPU float32/float64 tensors: aten's own batch norm
+             (F.batch_norm: running stats, autograd) then in-place mul_/add_/relu_, exactly stock's ops
+             (resfused.ops.bn_add_relu.native_forward).
+  mkldnn     conv_bias_act (fuse_for_inference) on CPU float32 tensors: oneDNN's fused convolution with
+             bias, sum and ReLU post-ops on channels_last activations and weights reordered once
+             (resfused.ops.conv_bias_act, resfused.fuse.FusedConv2d).
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ logger = logging.getLogger("resfused")
 
 BACKENDS = ("auto", "cuda", "triton", "reference", "cuda_sim")
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NATIVE = "native"  # auto's BN backend for CPU float32/float64 tensors (see the module docstring)
+NATIVE_DTYPES = (torch.float32, torch.float64)
 
 _selected: Optional[str] = None  # set_backend(); None means "use RESFUSED_BACKEND or auto"
 
@@ -205,11 +216,17 @@ def resolve_with(reason, backend: Optional[str], tensor: torch.Tensor, op: str =
     return "reference"
 
 
-def resolve(backend: Optional[str], tensor: torch.Tensor, sample_scale: bool = False) -> str:
+def resolve(backend: Optional[str], tensor: torch.Tensor, sample_scale: bool = False, native: bool = True) -> str:
     """resolve_with for the BN + add + ReLU ops. ``sample_scale``: the call passes a per-sample scale
-    (cuda cannot run it; auto skips it)."""
-    return resolve_with(lambda name, device, dtype: unavailable_reason(name, device, dtype, sample_scale),
+    (cuda cannot run it; auto skips it). With ``native`` (the unsynchronised ops), ``auto`` on a CPU
+    float32/float64 tensor resolves to "native" (aten's batch norm + in-place add/ReLU) instead of the
+    reference composite; an explicit "reference" is always the reference."""
+    name = resolve_with(lambda name, device, dtype: unavailable_reason(name, device, dtype, sample_scale),
                         backend, tensor)
+    if (native and name == "reference" and tensor.device.type == "cpu" and tensor.dtype in NATIVE_DTYPES
+            and (get_backend() if backend is None else backend) == "auto"):
+        return NATIVE
+    return name
 
 
 def autocast_off(t: torch.Tensor):

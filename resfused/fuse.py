@@ -22,9 +22,13 @@ their stock elementwise residual/ReLU, and say so once in the log. A BatchNorm t
 error: the returned model holds no nn.BatchNorm2d.
 
 Backend (``backend``: None = resfused.get_backend() at call time, or "auto"/"cuda"/"triton"/"reference") is
-resolved on every call from the input: CPU tensors run the reference (or the Triton interpreter when
-asked for explicitly under TRITON_INTERPRET=1), CUDA tensors the cuda, then triton backend. On the triton and
-cuda backends activations are moved to channels_last at the first fused conv (the layout their GEMMs read).
+resolved on every call from the input: CUDA tensors run the cuda, then triton backend; CPU float32 tensors
+under ``auto`` run oneDNN's fused convolutions ("mkldnn", resfused/_cpu/conv_bias_act.py: torch.ops.mkldnn,
+bias + residual add + ReLU as post-ops, weights reordered once when the model is fused and again only if a
+weight changes, the downsample's fresh output accumulated into in place); other CPU tensors, and an explicit
+"reference", run the reference (the Triton interpreter when asked for explicitly under TRITON_INTERPRET=1).
+On every backend but the reference, activations are moved to channels_last at the first fused conv (the
+layout the GEMMs read; a torchvision ResNet's stem takes the one copy) and stay channels_last to the pooling.
 TF32 for fp32 on a GPU follows torch.backends.cudnn.allow_tf32, like stock convolutions.
 """
 
@@ -38,6 +42,7 @@ import torch
 from torch import nn
 
 from . import _backend
+from ._cpu import conv_bias_act as _mkldnn
 from .convert import _torchvision_resnet, revert
 from .ops import conv_bias_act as _conv_op
 
@@ -177,6 +182,35 @@ class FusedConv2d(_InferenceOnly, nn.Module):
         self.relu = bool(relu)
         self.backend = backend
         self.training = False
+        self._mkldnn_cache = None  # (key, packed weight, packed shortcut weight): see _mkldnn_weights
+        if (weight.device.type == "cpu" and weight.dtype == torch.float32
+                and (_backend.get_backend() if backend is None else backend) == "auto"
+                and _mkldnn.unavailable_reason() is None):
+            self._mkldnn_weights()  # reordered once, ahead of the first forward
+
+    def _mkldnn_key(self) -> tuple:
+        ws = (self.weight,) if self.shortcut_weight is None else (self.weight, self.shortcut_weight)
+        return tuple((w.data_ptr(), w._version, w.device, w.dtype) for w in ws)
+
+    def _mkldnn_weights(self) -> tuple[Tensor, Optional[Tensor]]:
+        """The weights reordered for oneDNN (resfused._cpu.conv_bias_act.pack_weight), repacked only when a
+        weight was replaced or modified in place since (its data pointer or version changed)."""
+        key = self._mkldnn_key()
+        if self._mkldnn_cache is None or self._mkldnn_cache[0] != key:
+            w = _mkldnn.pack_weight(self.weight, self.padding, self.stride, self.dilation, self.groups)
+            sc = None if self.shortcut_weight is None else _mkldnn.pack_weight(
+                self.shortcut_weight, (0, 0), self.shortcut_stride, (1, 1), 1)
+            self._mkldnn_cache = (key, w, sc)
+        return self._mkldnn_cache[1], self._mkldnn_cache[2]
+
+    def __getstate__(self):  # copy.deepcopy / pickle: the opaque oneDNN weights are rebuilt on demand
+        state = self.__dict__.copy()
+        state["_mkldnn_cache"] = None
+        return state
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .float(): the packed weights no longer apply
+        self._mkldnn_cache = None
+        return super()._apply(fn, recurse)
 
     @classmethod
     def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, relu: bool, backend: Optional[str] = None,
@@ -209,17 +243,51 @@ class FusedConv2d(_InferenceOnly, nn.Module):
             s += f", shortcut=1x1/{self.shortcut_stride[0]} from {self.shortcut_weight.shape[1]}"
         return s + (", relu" if self.relu else "")
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None, shortcut_x: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, shortcut_x: Optional[Tensor] = None,
+                residual_inplace: bool = False) -> Tensor:
+        """``residual_inplace``: the caller owns ``residual`` (e.g. a downsample's fresh output) and needs it no
+        more; the mkldnn path then accumulates into it and returns it."""
         if self.has_shortcut and shortcut_x is None:
             raise ValueError("this FusedConv2d carries a projection shortcut: pass its input as shortcut_x")
         if shortcut_x is not None and not self.has_shortcut:
             raise ValueError("shortcut_x given to a FusedConv2d without a shortcut weight")
-        if isinstance(x, Tensor) and x.dim() == 4 and _conv_op.resolve(self.backend, x) != "reference":
+        name = _conv_op.resolve(self.backend, x) if isinstance(x, Tensor) and x.dim() == 4 else None
+        if name is not None and name != "reference":
             x = x.contiguous(memory_format=torch.channels_last)
+        if name == _conv_op.MKLDNN and self.weight.dtype == torch.float32 and self.weight.device.type == "cpu":
+            return self._forward_mkldnn(x, residual, shortcut_x, residual_inplace)
         return _conv_op.conv_bias_act(
             x, self.weight, self.bias, residual, stride=self.stride, padding=self.padding, dilation=self.dilation,
             groups=self.groups, shortcut_x=shortcut_x, shortcut_weight=self.shortcut_weight,
             shortcut_stride=self.shortcut_stride, relu=self.relu, backend=self.backend)
+
+    def _forward_mkldnn(self, x: Tensor, residual: Optional[Tensor], shortcut_x: Optional[Tensor],
+                        residual_inplace: bool) -> Tensor:
+        """CPU float32: oneDNN's fused conv with the pre-reordered weights (resfused/_cpu/conv_bias_act.py).
+        The weights were checked when the module was built; the activations are checked here."""
+        c_in = self.weight.shape[1] * self.groups
+        for name, t, c in (("x", x, c_in), ("shortcut_x", shortcut_x, None if shortcut_x is None
+                                                 else self.shortcut_weight.shape[1])):
+            if t is not None and (t.dim() != 4 or t.dtype != torch.float32 or t.device.type != "cpu"
+                                  or (c is not None and t.shape[1] != c)):
+                raise ValueError(f"{name} must be a 4-D CPU float32 tensor with {c} channels for this FusedConv2d, "
+                                 f"got {t.dtype} {t.device} of shape {tuple(t.shape)}")
+        if residual is not None:
+            shape = _conv_op.output_shape(x.shape, self.weight.shape, self.stride, self.padding, self.dilation)
+            if tuple(residual.shape) != tuple(shape) or residual.dtype != x.dtype or residual.device != x.device:
+                raise ValueError(f"residual must be a {x.dtype} {x.device} tensor of the output's shape {tuple(shape)}, "
+                                 f"got {residual.dtype} {residual.device} of shape {tuple(residual.shape)}")
+        weight, shortcut_weight = self._mkldnn_weights()
+        if shortcut_x is not None:
+            shortcut_x = shortcut_x.contiguous(memory_format=torch.channels_last)
+        return _mkldnn.conv_bias_act(x, weight, self.bias, residual, shortcut_x, shortcut_weight, self.stride,
+                                     self.padding, self.dilation, self.groups, self.shortcut_stride, self.relu,
+                                     residual_inplace=residual_inplace)
+
+
+def _fresh(residual: Tensor, x: Tensor) -> bool:
+    """Whether a downsample's output may be overwritten: it does not share memory with the block input."""
+    return isinstance(residual, Tensor) and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
 
 
 class FusedBasicBlock(_InferenceOnly, nn.Module):
@@ -238,7 +306,10 @@ class FusedBasicBlock(_InferenceOnly, nn.Module):
         out = self.conv1(x)
         if self.conv2.has_shortcut:
             return self.conv2(out, shortcut_x=x)
-        return self.conv2(out, residual=x if self.downsample is None else self.downsample(x))
+        if self.downsample is None:
+            return self.conv2(out, residual=x)
+        residual = self.downsample(x)
+        return self.conv2(out, residual=residual, residual_inplace=_fresh(residual, x))
 
 
 class FusedBottleneck(_InferenceOnly, nn.Module):
@@ -257,7 +328,10 @@ class FusedBottleneck(_InferenceOnly, nn.Module):
         out = self.conv2(self.conv1(x))
         if self.conv3.has_shortcut:
             return self.conv3(out, shortcut_x=x)
-        return self.conv3(out, residual=x if self.downsample is None else self.downsample(x))
+        if self.downsample is None:
+            return self.conv3(out, residual=x)
+        residual = self.downsample(x)
+        return self.conv3(out, residual=residual, residual_inplace=_fresh(residual, x))
 
 
 class FusedInferenceModel(_InferenceOnly, nn.Module):

@@ -31,8 +31,14 @@ def test_precedence(monkeypatch):
     assert resfused.get_backend() == "reference"
 
 
-def test_auto_on_cpu_tensors_is_reference():
-    assert _backend.resolve("auto", torch.randn(2, 3, 4, 4)) == "reference"
+def test_auto_on_cpu_tensors_is_native_or_reference():
+    """auto on CPU: aten's own kernels ("native") for float32/float64, the reference for other dtypes
+    (tests/test_cpu_fast_path.py tests the native path against the oracle)."""
+    x = torch.randn(2, 3, 4, 4)
+    assert _backend.resolve("auto", x) == "native"
+    assert _backend.resolve("auto", x.double()) == "native"
+    assert _backend.resolve("auto", x.bfloat16()) == "reference"
+    assert _backend.resolve("reference", x) == "reference"
 
 
 @pytest.mark.cuda

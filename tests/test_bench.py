@@ -502,7 +502,7 @@ def test_model_suite_on_cpu_with_an_added_impl(monkeypatch, one_thread):
         assert (r["suite"], r["op"], r["shape"], r["dtype"], r["layout"]) == ("model", "resnet18", "2x3x32x32", "fp32",
                                                                                  "nchw")
         assert "peak_mem_MiB" not in r  # CPU: no allocator statistics
-        assert r.get("backend") == ("reference" if r["impl"] == "resfused" else None)
+        assert r.get("backend") == ("native" if r["impl"] == "resfused" else None)  # auto's CPU fast path
 
 
 def test_conversion_check_catches_a_wrong_conversion(monkeypatch, one_thread):
@@ -730,7 +730,8 @@ def test_run_py_without_gpu_exits_0(tmp_path):
     """`make bench` on a machine without a GPU: banner first, conversion check, CPU timings, JSON + report."""
     cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--cpu", "--quick", "--out", str(tmp_path),
            "--shapes", "16x8x8", "--model", "resnet18", "--model-batch", "2", "--image-size", "32",
-           "--model-modes", "infer", "--check-model", "resnet18", "--no-progress"]
+           "--model-modes", "infer", "--check-model", "resnet18", "--no-progress",
+           "--no-cpu-rows"]  # bench_cpu's ResNet-50 rows: tests/test_bench_cpu.py
     proc = subprocess.run(cmd, cwd=ROOT, env=NO_GPU_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()

@@ -137,7 +137,8 @@ class BatchNormAddReLU2d(nn.BatchNorm2d):
         # num_batches_tracked: bad input changes no state.
         _op.validate_args(input, residual, running_mean, running_var, self.weight, self.bias, True, 0.0, self.eps,
                           sample_scale)
-        backend = _backend.resolve(self.backend, input, sample_scale=sample_scale is not None)
+        # The synchronised op composes the custom ops: no "native" CPU path (resolve(native=False)).
+        backend = _backend.resolve(self.backend, input, sample_scale=sample_scale is not None, native=False)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)

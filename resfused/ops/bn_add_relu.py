@@ -10,6 +10,13 @@ The backend functions they call share one contract, documented in resfused/refer
 The cuda backend (torch.ops.resfused_cuda.*) has no sample_scale: calls with one never resolve to it.
 ``batch_norm_add_relu`` validates arguments (clear errors, no state change on bad input), picks the
 backend and runs ``BatchNormAddReLUFunction``.
+
+On CPU float32/float64 tensors ``auto`` resolves to "native" (resfused._backend.NATIVE): ``native_forward``
+runs aten's own batch norm (F.batch_norm: the same kernel, running-stats update and autograd as
+nn.BatchNorm2d) and then in-place mul_/add_/relu_, which is what the stock torchvision block does, so a
+converted model on CPU costs what the stock one does. It bypasses the custom ops and the autograd
+Function (aten's autograd saves what stock saves). An explicit backend="reference" runs the float64-exact
+composite, the test oracle.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import types
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .. import _backend, _layout
 from ..reference import bn_add_relu as _reference
@@ -284,7 +292,8 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
             float64 input); other parameter dtypes are cast, and running stats written back in their dtype.
         relu: apply the ReLU (False gives ``bn(input) + residual``).
         backend: "auto", "cuda", "triton", "reference", "cuda_sim" (a test tool: the CUDA kernels on CPU
-            tensors, resfused/_cuda_sim.py), or None for resfused.get_backend().
+            tensors, resfused/_cuda_sim.py), or None for resfused.get_backend(). ``auto`` on CPU
+            float32/float64 tensors runs aten's batch norm + in-place add/ReLU ("native", see above).
         sample_scale: None or an (N,) tensor in the statistics dtype (float32; float64 for float64
             input) on input's device: per-sample factors on the normalised branch (0 for a dropped
             sample, 1/keep_prob for a kept one). Batch statistics are still those of ``input``. Not
@@ -330,12 +339,35 @@ def write_back_running_stats(running_mean, running_var, run_mean, run_var) -> No
             given.copy_(used)
 
 
+def native_forward(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
+                   running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
+                   momentum: float, eps: float, relu: bool, sample_scale: Optional[Tensor] = None) -> Tensor:
+    """The "native" backend (CPU float32/float64): ``relu_(F.batch_norm(...).mul_(s[n]).add_(residual))``.
+
+    Arguments as normalise_args returns them. aten's batch norm updates the running stats (unbiased
+    variance, ``momentum`` already the module's factor) and its backward reads the saved input, mean and
+    invstd, never its output, so the in-place tail is safe for autograd; relu_ saves its output as the ReLU
+    mask, as stock's ``relu(inplace=True)`` does."""
+    y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if sample_scale is not None:
+        y = y.mul_(sample_scale.view(-1, 1, 1, 1))
+    if residual is not None:
+        y = y.add_(residual)
+    return y.relu_() if relu else y
+
+
 def run_validated(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu,
                   backend, sample_scale=None):
     """batch_norm_add_relu after validate_args and with a resolved backend name (for modules); a
     sample_scale needs a backend resolved with ``sample_scale=True``."""
     input, residual, weight, bias, run_mean, run_var, needs_grad, sample_scale = normalise_args(
         input, residual, running_mean, running_var, weight, bias, sample_scale)
+    if backend == _backend.NATIVE:
+        y = native_forward(input, residual, run_mean, run_var, weight, bias, bool(training), float(momentum),
+                           float(eps), bool(relu), sample_scale)
+        if training:
+            write_back_running_stats(running_mean, running_var, run_mean, run_var)
+        return y
     y = BatchNormAddReLUFunction.apply(input, residual, weight, bias, run_mean, run_var, bool(training),
                                        float(momentum), float(eps), bool(relu), needs_grad, backend, sample_scale)
     if training:

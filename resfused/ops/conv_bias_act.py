@@ -11,6 +11,9 @@ Backends:
   reference  F.conv2d in fp32 (fp64 for fp64) + epilogue; any device.
   triton     triton_kernels/conv_bias_act.py: implicit GEMM with the whole epilogue and the shortcut conv
              fused (dual GEMM); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+  mkldnn     resfused/_cpu/conv_bias_act.py: oneDNN's fused conv + bias + add + ReLU through torch.ops.mkldnn;
+             not a name callers pass: what ``auto`` picks for CPU float32 tensors (an explicit "reference"
+             stays the oracle). resfused.fuse.FusedConv2d calls it directly with weights reordered once.
   cuda       csrc/conv_bias_act.cu: cuDNN's fused conv + bias + add + ReLU (at::cudnn_convolution_add_relu /
              at::cudnn_convolution_relu); the shortcut conv runs as a separate cuDNN convolution whose output
              is the fused conv's ``z`` input (cuDNN's fused op has no second GEMM).
@@ -26,6 +29,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import _backend, _layout
+from .._cpu import conv_bias_act as _mkldnn
 from ..reference import conv_bias_act as _reference
 
 Tensor = torch.Tensor
@@ -33,6 +37,7 @@ IntOrPair = Union[int, Sequence[int]]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CUDA_NAMESPACE = "resfused_cuda_conv"
+MKLDNN = "mkldnn"  # auto's backend for CPU float32 tensors (resfused/_cpu/conv_bias_act.py)
 
 
 @torch.compiler.assume_constant_result  # fixed once _C is loaded; keeps dispatcher queries out of traces
@@ -48,6 +53,8 @@ def _backend_fn(name: str):
         return importlib.import_module("resfused.triton_kernels.conv_bias_act").conv_bias_act
     if name == "cuda":
         return getattr(torch.ops, _CUDA_NAMESPACE).conv_bias_act
+    if name == MKLDNN:
+        return _mkldnn.conv_bias_act
     raise ValueError(f"unknown resfused backend {name!r}")
 
 
@@ -184,9 +191,16 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> O
 
 def resolve(backend: Optional[str], x: Tensor) -> str:
     """The concrete backend that runs conv_bias_act on ``x``; rules of resfused._backend.resolve_with
-    (``auto``: cuda > triton > reference for CUDA tensors, reference for CPU tensors; an explicitly named
-    backend that cannot run the call raises)."""
-    return _backend.resolve_with(unavailable_reason, backend, x, "conv_bias_act")
+    (``auto``: cuda > triton > reference for CUDA tensors; for CPU tensors "mkldnn" (float32, where torch has
+    oneDNN), else reference; an explicitly named backend that cannot run the call raises)."""
+    name = _backend.resolve_with(unavailable_reason, backend, x, "conv_bias_act")
+    if (name == "reference" and x.device.type == "cpu" and x.dtype == torch.float32
+            and (_backend.get_backend() if backend is None else backend) == "auto"):
+        why = _mkldnn.unavailable_reason()
+        if why is None:
+            return MKLDNN
+        _backend._log_once(f"resfused: auto runs conv_bias_act on CPU with the reference backend: {why}")
+    return name
 
 
 def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
