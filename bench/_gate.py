@@ -124,6 +124,39 @@ def triton_path() -> str:
     return "; ".join(used) if used else "no autotuned kernel ran (fixed configs)"
 
 
+class ResfusedMessages:
+    """Collects what resfused says while a row warms up: warnings (the cuda conv ops' "no fused cuDNN engine ...;
+    using the unfused path", once per process) and the resfused logger's lines (auto skipping a backend, a
+    shortcut conv run separately). They go into the row's path, so a fallback is visible in the results."""
+
+    def __enter__(self):
+        import logging
+        import warnings
+
+        self.messages: list[str] = []
+        self._warnings = warnings.catch_warnings(record=True)
+        self._caught = self._warnings.__enter__()
+        warnings.simplefilter("always")
+        self._logger = logging.getLogger("resfused")
+        self._handler = logging.Handler(logging.INFO)
+        self._handler.emit = lambda record: self.messages.append(record.getMessage())
+        self._level = self._logger.level
+        self._logger.addHandler(self._handler)
+        self._logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc):
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._level)
+        self._warnings.__exit__(*exc)
+        self.messages += [str(w.message) for w in self._caught if "resfused" in str(w.message)]
+        self.messages = list(dict.fromkeys(self.messages))
+        return False
+
+    def suffix(self) -> str:
+        return "".join(f"; said: {m[:300]}" for m in self.messages)
+
+
 def cuda_bn_path(x: torch.Tensor, training: bool) -> str:
     """The CUDA BN kernels' scheme for x (persistent or two-pass, grid, cache), from the planner itself."""
     if not x.is_cuda:

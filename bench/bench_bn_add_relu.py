@@ -346,8 +346,9 @@ def run_kernel_suite(doc: dict, cases: Sequence[KernelCase], impls: Sequence[str
                 torch._dynamo.reset()
             step = make_step(make_forward(impl), case, inputs)
             _gate.reset_triton_choices()
-            out = step(0)
-            path = path_of(impl, case, inputs)
+            with _gate.ResfusedMessages() as said:
+                out = step(0)
+            path = path_of(impl, case, inputs) + said.suffix()
             gate = _gate.check_kernel(out, *refs) if refs is not None else None
             del out
             t = timer(step, inputs.n_sets, key=(case, impl))

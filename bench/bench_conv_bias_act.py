@@ -463,14 +463,15 @@ def run_conv_suite(doc: dict, cases: Sequence[ConvCase], impls: Sequence[str], d
             step = make_step(make_forward(impl), case, inputs)
             _gate.reset_triton_choices()
             try:
-                out = step(0)
+                with _gate.ResfusedMessages() as said:
+                    out = step(0)
             except RuntimeError as e:
                 skip = cudnn_fused_skip_reason(case, e) if impl == "cudnn-fused" else None
                 if skip is None:
                     raise
                 _harness.add_skipped(doc, "kernel", impl, skip, case.id)
                 continue
-            path = path_of(impl)
+            path = path_of(impl) + said.suffix()
             gate = _gate.check_kernel(out, *refs) if refs is not None else None
             del out
             t = timer(step, inputs.n_sets, key=(case, impl))
