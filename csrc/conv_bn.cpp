@@ -16,22 +16,26 @@
 // epilogue. These are the ConvBNfprop and scale-bias-ReLU-wgrad fusions cuDNN's runtime-fusion engines
 // implement for NHWC half/bfloat16 on Ampere and Hopper (the recipe of NVIDIA's MLPerf ResNet-50).
 //
-// Each graph is finalized once per (shapes, strides, dtype, geometry, flags, handle) and cached with its
-// execution plan; cuDNN's heuristics (mode A, then FALLBACK) rank the engines, and engines are filtered
-// much as ATen filters its own: for fp32 inputs no down-converting engines and no tensor cores unless
-// torch.backends.cudnn.allow_tf32, nothing non-deterministic under torch.use_deterministic_algorithms or
-// torch.backends.cudnn.deterministic. Failures that say a configuration is unsupported are cached; others
+// Each graph is finalized once per (shapes, canonical strides, dtype, geometry, flags, handle) and cached with
+// its execution plan (bounded, least recently used evicted; built outside the cache's lock: csrc/plan_cache.h);
+// cuDNN's heuristics (mode A, then FALLBACK) rank the engines, and engines are filtered much as ATen filters its
+// own: for fp32 inputs no down-converting engines and no tensor cores unless TF32 is allowed for convolutions
+// (torch.backends.cudnn.conv.fp32_precision), nothing non-deterministic under torch.use_deterministic_algorithms
+// or torch.backends.cudnn.deterministic. Failures that say a configuration is unsupported are cached; others
 // (out of memory, internal errors) are retried on the next call.
 // When no engine supports a graph (fp32 NCHW, grouped convs on some versions, a misaligned pointer), the
 // call takes the unfused path instead, with one warning naming the reason: the activation is materialized
 // with ATen ops, the conv is ATen's (cuDNN), and the statistics come from at::var_mean. conv_bn_plan says
 // which path a configuration takes.
 //
+// Descriptors get canonical strides (a size-1 dimension's stride is the one its layout implies, as ATen does), so
+// a 1x1 weight whose channels_last copy kept NCHW-looking strides still pairs with NHWC engines.
+//
 // Numerics: the prologue is x * scale + shift in fp32 (scale = w_bn * invstd, shift = b_bn - mean * scale),
-// the convs accumulate in fp32; the fused statistics are fp32 sums and sums of squares, finalized here as
-// mean = sum / n, var = max(sumsq / n - mean^2, 0) -- an uncentred formula, exact enough for conv outputs
-// whose |mean| is a few standard deviations at most (the Triton backend merges centred per-tile partials
-// instead). Whether cuDNN's genstats reduction is deterministic depends on the engine: under
+// the convs accumulate in fp32; the fused statistics are fp32 sums and sums of squares, finalized by
+// csrc/conv_bn_stats.cu: mean = sum / n, var = max(sumsq / n - mean^2, 0), and where that uncentred estimate
+// says |mean| > 4 std the channel is recentred from y (one more read of those channels of y; none otherwise), so
+// the variance stays exact to the BN tolerance for |mean| / std up to 1e3 and beyond. Whether cuDNN's genstats reduction is deterministic depends on the engine: under
 // torch.use_deterministic_algorithms engines with the non-deterministic note are skipped.
 //
 // No host synchronisation: plans are built on the host, execution is one cudnnBackendExecute on the current
