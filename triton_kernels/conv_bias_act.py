@@ -79,6 +79,8 @@ def _gemm_tile(M, N_G, SP_H, SP_W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = (pid_n % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     hw = SP_H * SP_W
+    if INDEX64:
+        hw = SP_H.to(tl.int64) * SP_W  # one plane may hold 2^31 pixels or more
     pix = rm % hw
     return grp, rm, rn, rm < M, rn < N_G, (rm // hw).to(tl.int64), pix // SP_W, pix % SP_W
 

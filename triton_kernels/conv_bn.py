@@ -389,6 +389,8 @@ def _conv_bn_wgrad_kernel(
     kw = tap % KW
     c_base = grp * C_IN_G
     hw_o = HO * WO
+    if INDEX64:
+        hw_o = HO.to(tl.int64) * WO
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     m_start = split * ROWS_PER_SPLIT
     m_end = tl.minimum(m_start + ROWS_PER_SPLIT, M)
@@ -495,16 +497,18 @@ def _bn_input_grad_kernel(gz_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, sum_g
     memory order; gz, x and grad_x share x's strides."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < TOTAL
+    # offs is int64; so are the plane and sample sizes it is divided by (one sample may hold 2^31 elements).
+    c64 = tl.cast(C, tl.int64)
     if CHANNELS_LAST:
         c = offs % C
         w_ = (offs // C) % W
-        h = (offs // (C * W)) % H
-        n = offs // (C * W * H)
+        h = (offs // (c64 * W)) % H
+        n = offs // (c64 * W * H)
     else:
         w_ = offs % W
         h = (offs // W) % H
-        c = (offs // (W * H)) % C
-        n = offs // (W * H * C)
+        c = (offs // (tl.cast(W, tl.int64) * H)) % C
+        n = offs // (tl.cast(W, tl.int64) * H * C)
     off = n * sn + c * sc + h * sh + w_ * sw
     gz = tl.load(gz_ptr + off, mask=ok, other=0.0).to(tl.float32)
     k = tl.load(weight_ptr + c, mask=ok, other=0.0) * tl.load(invstd_ptr + c, mask=ok, other=0.0)
