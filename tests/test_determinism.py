@@ -77,17 +77,19 @@ def test_conv_bn_forward_same_bits_for_every_tile_config(monkeypatch, dtype):
 
 @pytest.mark.skipif(not cb._INTERPRET, reason="the GPU test below runs the configs on the device")
 def test_conv_bias_act_same_bits_for_every_tile_config(monkeypatch):
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 16, 9, 9, generator=gen).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(24, 16, 3, 3, generator=gen) / 12
-    b = torch.randn(24, generator=gen)
-    r = torch.randn(2, 24, 9, 9, generator=gen).contiguous(memory_format=torch.channels_last)
-    monkeypatch.setattr(cba, "_kernel", cba._conv_bias_act_kernel)
-    runs = []
-    for cfg in _configs():
-        monkeypatch.setattr(cba, "_FIXED", cfg)
-        runs.append((cfg, [cba.conv_bias_act(x, w, b, r, None, None, [1, 1], [1, 1], [1, 1], 1, [1, 1], True)]))
+    runs = [(cfg, _conv_bias_act_run(monkeypatch, cfg)) for cfg in _configs()]
     _assert_bitwise(runs, ["y"])
+
+
+def _conv_bias_act_run(monkeypatch, cfg, device="cpu"):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 9, 9, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(24, 16, 3, 3, generator=gen) / 12).to(device)
+    b = torch.randn(24, generator=gen).to(device)
+    r = torch.randn(2, 24, 9, 9, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(cba, "_kernel", cba._conv_bias_act_kernel)
+    monkeypatch.setattr(cba, "_FIXED", cfg)
+    return [cba.conv_bias_act(x, w, b, r, None, None, [1, 1], [1, 1], [1, 1], 1, [1, 1], True)]
 
 
 def test_statistics_tile_is_not_a_tuned_parameter():
@@ -166,6 +168,8 @@ mp = MonkeyPatch()
 for dtype in (torch.float32, torch.bfloat16):
     for cfg in td._configs():
         out[f"conv_bn {dtype} {sorted(cfg.items())}"] = digest(td._conv_bn_run(mp, cfg, dtype, "cuda"))
+for cfg in td._configs():
+    out[f"conv_bias_act {sorted(cfg.items())}"] = digest(td._conv_bias_act_run(mp, cfg, "cuda"))
 mp.undo()
 gen = torch.Generator().manual_seed(2)
 for layout in (torch.channels_last, torch.contiguous_format):
@@ -183,9 +187,11 @@ print(json.dumps(out))
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
 def test_every_autotune_config_same_bits_in_two_processes():
-    """On a GPU, every config of the conv autotune lists (forced one at a time) and the BN kernels, in two fresh
-    processes: every output, statistic and running statistic hashes the same."""
+    """On a GPU, every config of the conv autotune lists (forced one at a time) and the BN kernels (their
+    elementwise kernels autotuned by timing in each process), in two fresh processes: every output, statistic and
+    running statistic hashes the same."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["RESFUSED_TRITON_AUTOTUNE"] = "1"
     here = os.path.dirname(os.path.abspath(__file__))
     runs = []
     for _ in range(2):
@@ -194,6 +200,6 @@ def test_every_autotune_config_same_bits_in_two_processes():
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert runs[0] == runs[1]
-    for group in ("conv_bn torch.float32", "conv_bn torch.bfloat16"):
+    for group in ("conv_bn torch.float32", "conv_bn torch.bfloat16", "conv_bias_act"):
         digests = {json.dumps(v) for k, v in runs[0].items() if k.startswith(group)}
         assert len(digests) == 1, f"{group}: the configs disagree"

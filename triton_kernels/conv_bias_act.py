@@ -25,7 +25,10 @@ once. For fp32 inputs on a GPU the dot uses TF32 exactly when cuDNN convolutions
 (torch.backends.cudnn.allow_tf32, True by default), so the fused model matches stock conv numerics;
 otherwise it runs IEEE fp32.
 
-Autotuned on GPU (key: the GEMM shape and the conv geometry); one fixed config under TRITON_INTERPRET=1.
+Autotuned on GPU (key: the GEMM shape and the conv geometry) over BLOCK_M, BLOCK_N, num_warps and num_stages,
+never BLOCK_K, so the result is the same bits whichever config wins (_GPU_TILES); one fixed config under
+TRITON_INTERPRET=1 or with RESFUSED_TRITON_AUTOTUNE=0. Launches run on x's device (on_device). Offsets are int32
+unless a tensor of the call holds 2^31 elements or more (index64, INDEX64).
 The kernel writes only y, so autotuning needs no restore_value.
 """
 

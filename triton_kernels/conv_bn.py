@@ -12,8 +12,10 @@ triton_kernels/conv_bias_act.py. The prologue is applied to each A tile right af
 then rounded to the input dtype for the dot; positions outside the image (zero padding) and past the tensor
 are set to 0 AFTER the activation, so a padded position contributes 0, not relu(in_shift).
 
-Statistics: each program writes its tile's (mean, M2) per output channel into a (T, C_out) fp32 buffer and
-the tile's row count into a (T,) buffer (T = number of row tiles); ``_bn_stats_finalize_kernel`` merges the T
+Statistics: per statistics tile of _STATS_M output rows (a function of the shape, not of the autotuned BLOCK_M,
+which is a multiple of it; summed by a fixed pairwise tree, not tl.sum, whose order follows num_warps), each
+program writes its tiles' (mean, M2) per output channel into a (T, C_out) fp32 buffer and their row counts into
+a (T,) buffer (T = number of statistics tiles), so no autotuned parameter changes the order of any sum; ``_bn_stats_finalize_kernel`` merges the T
 partials per channel in tile order with Chan's formula (centred; no E[x^2] - E[x]^2, no atomics, so the
 result is deterministic), writes mean and invstd and updates running_mean / running_var as nn.BatchNorm2d
 does (unbiased variance). Beyond _STATS_CHUNK tiles the merge takes two levels: ``_bn_stats_merge_kernel``
@@ -33,7 +35,7 @@ Backward (three kernels and a torch.sum):
   * _bn_input_grad_kernel: grad_x = w * invstd * (gz - mean(gz) - xhat * mean(gz * xhat)) elementwise.
 
 Passes over memory per conv, training (activations only; w is small):
-  forward   read x (once per N-tile of C_out), write y; partials 2 * T * C_out * 4 bytes (1/BLOCK_M of y in fp32).
+  forward   read x (once per N-tile of C_out), write y; partials 2 * T * C_out * 4 bytes (1/_STATS_M of y in fp32).
   backward  wgrad: read x + read dy (once per tile of dw); dgrad: read dy, read x, write gz; input grad:
             read gz + read x, write grad_x (gz, x and grad_x in x's dtype). Stock (conv, BN, ReLU as separate
             ops) additionally writes and reads the normalized activation in forward, saves it for backward, and
@@ -51,9 +53,11 @@ Block tail, out = relu(bn(y) + residual) or relu(bn(y) + bn_d(residual)) (the do
             (grad_residual = gz), 8 + 2/16 with one. Floor: the reductions must finish before any grad_y element
             is known, so grad, mask and y are read twice: the same.
 
-Forward conv autotuned on GPU (restore_value on the count buffer, which a smaller BLOCK_M would overwrite
-further); the backward and tail kernels use one fixed GPU config; one fixed config for everything under
-TRITON_INTERPRET=1. Not yet run on a GPU.
+Forward conv autotuned on GPU over tiles that keep every order of summation (triton_kernels/conv_bias_act.py's
+list: BLOCK_K fixed; tests/test_determinism.py checks every config gives the same bits); the backward and tail
+kernels use one fixed GPU config; one fixed config for everything under TRITON_INTERPRET=1 or with
+RESFUSED_TRITON_AUTOTUNE=0. Launches run on their tensors' device. Offsets are int32 unless a tensor of the call
+holds 2^31 elements or more (INDEX64); the tail kernels run on a 1-D grid. Not yet run on a GPU.
 """
 
 from __future__ import annotations
