@@ -19,7 +19,11 @@
 // returns after reading their 32 flags. A recentred channel group costs one more read of y for those channels
 // (an NHWC row of 32 channels is 64 contiguous bytes in 16-bit dtypes), so at most one extra read of y in all, the
 // price of stock BatchNorm's separate statistics pass, paid only where the fused sums would be wrong; plus the
-// partials, 2 * G * K fp32 (G <= kMaxRowBlocks row blocks).
+// partials, 2 * G * K fp32 written and read (G <= kMaxRowBlocks row blocks; 2 MiB at most for K = 2048). Fixed
+// cost per call, recentred or not: about ten (K,)-sized ATen ops and one launch of G x ceil(K / 32) blocks.
+// (Not chosen: shifted sums would need a pointwise op between the conv and genstats in the cuDNN graph, a pattern
+// the runtime-fusion engines are not documented to take; a compensated merge needs per-tile partials, which
+// genstats does not expose.)
 //
 // The CPU kernel of the op (resfused_cuda_conv_bn::conv_bn_finalize_stats) computes the same formulas with ATen
 // ops (centred sums over all channels, then the same selection), so the math is testable without a GPU.
