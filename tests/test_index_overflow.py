@@ -176,3 +176,53 @@ def test_tail_tile_rows_past_2_31():
     pid_r, pid_i = divmod(pid, tiles_i)
     assert out[:block_r].tolist() == [pid_r * block_r + i for i in range(block_r)]
     assert out[block_r:].tolist() == [pid_i * block_i + j for j in range(block_i)]
+
+
+_BN_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import resfused.triton_kernels.bn_add_relu as k
+
+kernels = [k._bn_stats_partial_kernel, k._bn_stats_finalize_kernel, k._bn_apply_kernel, k._bn_bwd_reduce_kernel,
+           k._bn_bwd_finalize_kernel, k._bn_bwd_elementwise_kernel]
+for layout in (True, False):
+    for fn in kernels:
+        if isinstance(fn, triton.runtime.Autotuner):
+            fn = fn.fn
+        names = fn.arg_names
+        constexpr = {n for n, p in zip(names, fn.params) if p.is_constexpr}
+        consts = {n: (layout if n == "CHANNELS_LAST" else 1 if n in ("HAS_SAMPLE_SCALE",) else True)
+                  for n in constexpr if not n.startswith("BLOCK")}
+        consts.update(BLOCK_R=32 if layout else 256, BLOCK_C=64 if layout else 8)
+        if "BLOCK_P" in constexpr:
+            consts.update(BLOCK_P=32, BLOCK_C=64)
+        consts = {n: v for n, v in consts.items() if n in constexpr}
+        def kind(n):
+            if n in constexpr:
+                return "constexpr"
+            if n.endswith("_ptr"):
+                return "*u8" if n == "mask_ptr" else ("*bf16" if n in ("x_ptr", "z_ptr", "y_ptr", "dy_ptr", "g_ptr", "dx_ptr") else "*fp32")
+            return "fp32" if n.startswith(("eps", "mom")) else "i32"
+        src = ASTSource(fn=fn, signature={n: kind(n) for n in names},
+                        constexprs={(names.index(n),): v for n, v in consts.items()})
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+        print(fn.__name__, "ok")
+"""
+
+
+def test_bn_kernels_compile_for_gpu():
+    """The BN + add + ReLU kernels (their tile-relative offsets changed) lower to PTX for sm_90, both layouts (in a
+    subprocess without TRITON_INTERPRET)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _BN_COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
+        pytest.skip(f"no ptxas for Triton's NVIDIA backend: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(" ok") == 12

@@ -336,7 +336,7 @@ def _shift_of(x_ptr, c, c_ok, HW, CHANNELS_LAST: tl.constexpr):
     if CHANNELS_LAST:
         k = tl.load(x_ptr + c, mask=c_ok, other=0.0)
     else:
-        k = tl.load(x_ptr + c * HW, mask=c_ok, other=0.0)
+        k = tl.load(x_ptr + c.to(tl.int64) * HW, mask=c_ok, other=0.0)  # C * HW may pass 2^31
     return k
 
 

@@ -198,7 +198,7 @@ def _chan_merge(pmean_ptr, pm2_ptr, pcnt_ptr, t0, t1, rc, c_ok, C, BLOCK_C: tl.c
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for t in range(t0, t1):
         nb = tl.load(pcnt_ptr + t)
-        off = t * C + rc
+        off = tl.cast(t, tl.int64) * C + rc
         # Partials with count 0 (past the chosen config's grid; never written) change nothing.
         used = nb > 0
         mb = tl.where(used, tl.load(pmean_ptr + off, mask=c_ok, other=0.0), mean)
