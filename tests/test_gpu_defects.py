@@ -246,7 +246,7 @@ def test_cuda_composition_running_stats_exact_at_large_mean(monkeypatch, ratio):
 # GPU
 # ---------------------------------------------------------------------------------------------------
 
-def _cuda_ext_or_skip():
+def _cuda_ops():
     from resfused.ops import conv_bn as op
 
     reason = op.unavailable_reason("cuda", torch.device(DEVICE), torch.bfloat16)
@@ -258,7 +258,7 @@ def _cuda_ext_or_skip():
 def test_fused_conv_bn_with_differing_tf32_settings():
     """torch.backends.cudnn.conv.fp32_precision = "ieee" with the RNN setting left at "tf32": the legacy
     allowTF32CuDNN() query throws then; the conv-specific one does not, and fp32 convs avoid TF32 engines."""
-    _, cbn = _cuda_ext_or_skip()
+    _, cbn = _cuda_ops()
     conv, rnn = torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision
     try:
         torch.backends.cudnn.conv.fp32_precision = "ieee"
@@ -342,7 +342,7 @@ def test_every_resnet50_bf16_conv_takes_the_fused_path():
     """Every distinct bf16 conv of ResNet-50 (bottlenecks and downsamples, 1x1 included) plans onto cuDNN's fused
     graph for the forward with statistics (with and without the BN + ReLU prologue) and for wgrad. The 1x1 weights
     here have strides (C, 1, 1, 1) although channels_last: canonicalised, cuDNN sees them as NHWC."""
-    _cuda_ext_or_skip()
+    _cuda_ops()
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("cuDNN's runtime-fusion engines need sm80+")
     calls = _resnet50_bf16_convs()
@@ -362,7 +362,7 @@ def test_every_resnet50_bf16_conv_takes_the_fused_path():
 def test_fused_statistics_exact_at_mean_1e3_std(dtype):
     """On the device, through the fused cuDNN graph (conv + genstats) and the recentring kernel: a 1x1 identity
     conv of channels with |mean| / std from 0 to 1e3 gives the float64 mean and variance of its output."""
-    _, cbn = _cuda_ext_or_skip()
+    _, cbn = _cuda_ops()
     c = 8
     ratios = [0.0, 1.0, 3.0, 10.0, 100.0, 300.0, 1000.0, 1000.0]
     x = _shifted((16, c, 28, 28), ratios, dtype, seed=3, device="cuda")
@@ -376,7 +376,7 @@ def test_fused_statistics_exact_at_mean_1e3_std(dtype):
 
 @pytest.mark.cuda
 def test_conv_ops_check_arguments_on_cuda_tensors():
-    cba, cbn = _cuda_ext_or_skip()
+    cba, cbn = _cuda_ops()
     a = _cba_args("cuda", residual=torch.empty(2, 16, 1, 9, device="cuda"))
     with pytest.raises(RuntimeError, match="residual must have the output's shape"):
         cba.conv_bias_act(*a.values())
@@ -392,7 +392,7 @@ def test_conv_bias_act_cuda_rounding_contract(layout):
     """The cuda backend's contract (csrc/conv_bias_act.cu): bias (fp32 given) rounded to bf16 for cuDNN's fused op,
     bias and residual added in fp32 on the unfused path; elementwise, no worse than stock's composition (conv with
     the bias cast to bf16, add, ReLU) against float64, plus 2 ulp of the result."""
-    cba, _ = _cuda_ext_or_skip()
+    cba, _ = _cuda_ops()
     fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
     gen = torch.Generator(device="cuda").manual_seed(4)
     x = torch.randn(4, 64, 14, 14, device="cuda", generator=gen).to(torch.bfloat16).contiguous(memory_format=fmt)
