@@ -16,22 +16,26 @@
 // epilogue. These are the ConvBNfprop and scale-bias-ReLU-wgrad fusions cuDNN's runtime-fusion engines
 // implement for NHWC half/bfloat16 on Ampere and Hopper (the recipe of NVIDIA's MLPerf ResNet-50).
 //
-// Each graph is finalized once per (shapes, strides, dtype, geometry, flags, handle) and cached with its
-// execution plan; cuDNN's heuristics (mode A, then FALLBACK) rank the engines, and engines are filtered
-// much as ATen filters its own: for fp32 inputs no down-converting engines and no tensor cores unless
-// torch.backends.cudnn.allow_tf32, nothing non-deterministic under torch.use_deterministic_algorithms or
-// torch.backends.cudnn.deterministic. Failures that say a configuration is unsupported are cached; others
+// Each graph is finalized once per (shapes, canonical strides, dtype, geometry, flags, handle) and cached with
+// its execution plan (bounded, least recently used evicted; built outside the cache's lock: csrc/plan_cache.h);
+// cuDNN's heuristics (mode A, then FALLBACK) rank the engines, and engines are filtered much as ATen filters its
+// own: for fp32 inputs no down-converting engines and no tensor cores unless TF32 is allowed for convolutions
+// (torch.backends.cudnn.conv.fp32_precision), nothing non-deterministic under torch.use_deterministic_algorithms
+// or torch.backends.cudnn.deterministic. Failures that say a configuration is unsupported are cached; others
 // (out of memory, internal errors) are retried on the next call.
 // When no engine supports a graph (fp32 NCHW, grouped convs on some versions, a misaligned pointer), the
 // call takes the unfused path instead, with one warning naming the reason: the activation is materialized
 // with ATen ops, the conv is ATen's (cuDNN), and the statistics come from at::var_mean. conv_bn_plan says
 // which path a configuration takes.
 //
+// Descriptors get canonical strides (a size-1 dimension's stride is the one its layout implies, as ATen does), so
+// a 1x1 weight whose channels_last copy kept NCHW-looking strides still pairs with NHWC engines.
+//
 // Numerics: the prologue is x * scale + shift in fp32 (scale = w_bn * invstd, shift = b_bn - mean * scale),
-// the convs accumulate in fp32; the fused statistics are fp32 sums and sums of squares, finalized here as
-// mean = sum / n, var = max(sumsq / n - mean^2, 0) -- an uncentred formula, exact enough for conv outputs
-// whose |mean| is a few standard deviations at most (the Triton backend merges centred per-tile partials
-// instead). Whether cuDNN's genstats reduction is deterministic depends on the engine: under
+// the convs accumulate in fp32; the fused statistics are fp32 sums and sums of squares, finalized by
+// csrc/conv_bn_stats.cu: mean = sum / n, var = max(sumsq / n - mean^2, 0), and where that uncentred estimate
+// says |mean| > 4 std the channel is recentred from y (one more read of those channels of y; none otherwise), so
+// the variance stays exact to the BN tolerance for |mean| / std up to 1e3 and beyond. Whether cuDNN's genstats reduction is deterministic depends on the engine: under
 // torch.use_deterministic_algorithms engines with the non-deterministic note are skipped.
 //
 // No host synchronisation: plans are built on the host, execution is one cudnnBackendExecute on the current
@@ -49,9 +53,11 @@
 #include <cudnn.h>
 #include <torch/library.h>
 
+#include "conv_bn_stats.h"
+#include "plan_cache.h"
+
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -412,10 +418,11 @@ Plan make_plan(GraphBuilder& builder, cudnnHandle_t handle, const EngineFilter& 
   return result;
 }
 
-// Plans by configuration key, built once. Unsupported configurations are cached too (as their reason). Never
-// destroyed: its descriptors must not outlive cuDNN and the CUDA context at process exit.
-std::mutex cache_mutex;
-auto* const cache = new std::unordered_map<std::string, std::shared_ptr<const Plan>>();
+// Plans by configuration key, built once. Unsupported configurations are cached too (as their reason). Bounded
+// (least recently used evicted beyond kPlanCacheCapacity configurations) and built outside its lock: see
+// csrc/plan_cache.h.
+constexpr size_t kPlanCacheCapacity = 1024;
+auto* const cache = new BoundedCache<Plan>(kPlanCacheCapacity);
 
 bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
@@ -426,23 +433,60 @@ cudnnHandle_t current_handle() {
   return handle;
 }
 
+// TF32 as cuDNN convolutions use it: the conv-specific setting (torch.backends.cudnn.conv.fp32_precision).
+// allowTF32CuDNN() without an operator throws once the conv and RNN settings differ (torch >= 2.9; the
+// optional Float32Op argument exists in every torch this builds against, 2.11 and 2.14 included).
 EngineFilter filter_for(const Tensor& x) {
   const auto& ctx = at::globalContext();
-  return {x.scalar_type() == at::kFloat, ctx.allowTF32CuDNN(),
+  return {x.scalar_type() == at::kFloat, ctx.allowTF32CuDNN(at::Float32Op::CONV),
           ctx.deterministicCuDNN() || ctx.deterministicAlgorithms()};
 }
 
-void key_dims(std::ostringstream& key, const char* name, const Tensor& t) {
-  key << name << t.sizes() << t.strides() << ';';
+// Strides as cuDNN should see them: a size-1 dimension's stride is arbitrary in PyTorch (a 1x1 weight made
+// channels_last may keep (C, 1, 1, 1)), so it is replaced by the stride the layout implies, the product of
+// the sizes of the dimensions inside it in memory order (NHWC: C, then W, H, N; NCHW: W, H, C, N). ATen does
+// the same before building its cuDNN descriptors; without it such a tensor looks NCHW to cuDNN and the NHWC
+// runtime-fusion engines reject the graph.
+// Whether x is laid out NHWC (channels_last and not also contiguous), the layout every tensor of its graph
+// takes (format_of below).
+bool is_nhwc(const Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+std::vector<int64_t> canonical_strides(IntArrayRef sizes, IntArrayRef strides, bool nhwc) {
+  std::vector<int64_t> out = strides.vec();
+  if (sizes.size() != 4) return out;
+  const int nhwc_order[4] = {1, 3, 2, 0};
+  const int nchw_order[4] = {3, 2, 1, 0};
+  const int* order = nhwc ? nhwc_order : nchw_order;
+  int64_t inner = 1;
+  for (int i = 0; i < 4; ++i) {
+    const int d = order[i];
+    if (sizes[d] == 1) {
+      out[d] = inner;
+    } else {
+      inner *= sizes[d];
+    }
+  }
+  return out;
+}
+
+std::vector<int64_t> canonical_strides(const Tensor& t, bool nhwc) {
+  return canonical_strides(t.sizes(), t.strides(), nhwc);
+}
+
+void key_dims(std::ostringstream& key, const char* name, const Tensor& t, bool nhwc) {
+  key << name << t.sizes() << IntArrayRef(canonical_strides(t, nhwc)) << ';';
 }
 
 std::string make_key(const char* op, cudnnHandle_t handle, const Tensor& x, const Tensor& other, const Tensor& out,
                      bool prologue, bool stats, const Geometry& g, const EngineFilter& f) {
   std::ostringstream key;
   key << op << ';' << static_cast<const void*>(handle) << ';' << x.get_device() << ';' << x.scalar_type() << ';';
-  key_dims(key, "x", x);
-  key_dims(key, "o", other);
-  key_dims(key, "y", out);
+  const bool nhwc = is_nhwc(x);
+  key_dims(key, "x", x, nhwc);
+  key_dims(key, "o", other, nhwc);
+  key_dims(key, "y", out, nhwc);
   key << prologue << stats << ';' << IntArrayRef(g.stride) << IntArrayRef(g.padding) << IntArrayRef(g.dilation)
       << g.groups << ';' << f.fp32 << f.allow_tf32 << f.deterministic;
   return key.str();
@@ -461,9 +505,7 @@ std::shared_ptr<const Plan> unsupported(std::string why) {
 template <typename Build>
 std::shared_ptr<const Plan> cached_plan(const std::string& key, cudnnHandle_t handle, const EngineFilter& f,
                                         Build&& build) {
-  std::lock_guard<std::mutex> lock(cache_mutex);
-  auto it = cache->find(key);
-  if (it != cache->end()) return it->second;
+  if (auto hit = cache->find(key)) return hit;
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
     return unsupported("no cuDNN plan was built for this configuration before CUDA graph capture began; run it "
                        "once outside capture (warm-up)");
@@ -478,7 +520,7 @@ std::shared_ptr<const Plan> cached_plan(const std::string& key, cudnnHandle_t ha
     plan.settled = e.settled;
   }
   auto shared = std::make_shared<const Plan>(std::move(plan));
-  if (shared->settled) cache->emplace(key, shared);
+  if (shared->settled) return cache->insert(key, shared);
   return shared;
 }
 
@@ -489,10 +531,12 @@ std::shared_ptr<const Plan> forward_plan(cudnnHandle_t handle, const Tensor& x, 
   const EngineFilter f = filter_for(x);
   return cached_plan(make_key("fprop", handle, x, w, y, prologue, stats, g, f), handle, f, [&](GraphBuilder& b) {
     const cudnnDataType_t dt = cudnn_dtype(x.scalar_type());
-    DescPtr xd = b.tensor(kX, dt, x.sizes(), x.strides(), false);
-    DescPtr in = prologue ? b.prologue(xd, x.sizes(), x.strides()) : xd;
-    DescPtr wd = b.tensor(kW, dt, w.sizes(), w.strides(), false);
-    DescPtr yd = b.tensor(kY, dt, y.sizes(), y.strides(), false);
+    const bool nhwc = is_nhwc(x);
+    const auto xs = canonical_strides(x, nhwc);
+    DescPtr xd = b.tensor(kX, dt, x.sizes(), xs, false);
+    DescPtr in = prologue ? b.prologue(xd, x.sizes(), xs) : xd;
+    DescPtr wd = b.tensor(kW, dt, w.sizes(), canonical_strides(w, nhwc), false);
+    DescPtr yd = b.tensor(kY, dt, y.sizes(), canonical_strides(y, nhwc), false);
     b.conv_forward(in, wd, yd, g);
     if (stats) b.genstats(yd, y.size(1));
   });
@@ -505,10 +549,12 @@ std::shared_ptr<const Plan> wgrad_plan(cudnnHandle_t handle, const Tensor& x, co
   const EngineFilter f = filter_for(x);
   return cached_plan(make_key("wgrad", handle, x, dy, dw, prologue, false, g, f), handle, f, [&](GraphBuilder& b) {
     const cudnnDataType_t dt = cudnn_dtype(x.scalar_type());
-    DescPtr xd = b.tensor(kX, dt, x.sizes(), x.strides(), false);
-    DescPtr in = prologue ? b.prologue(xd, x.sizes(), x.strides()) : xd;
-    DescPtr dyd = b.tensor(kDy, dt, dy.sizes(), dy.strides(), false);
-    DescPtr dwd = b.tensor(kDw, dt, dw.sizes(), dw.strides(), false);
+    const bool nhwc = is_nhwc(x);
+    const auto xs = canonical_strides(x, nhwc);
+    DescPtr xd = b.tensor(kX, dt, x.sizes(), xs, false);
+    DescPtr in = prologue ? b.prologue(xd, x.sizes(), xs) : xd;
+    DescPtr dyd = b.tensor(kDy, dt, dy.sizes(), canonical_strides(dy, nhwc), false);
+    DescPtr dwd = b.tensor(kDw, dt, dw.sizes(), canonical_strides(dw, nhwc), false);
     b.conv_wgrad(in, dyd, dwd, g);
   });
 }
@@ -548,13 +594,10 @@ at::MemoryFormat format_of(const Tensor& x) {
 // x itself must be dense (contiguous or channels_last); `t` (the weight, grad_y) is returned in x's memory format,
 // which is what cuDNN's engines pair with x (a no-op when it already is).
 Tensor like_x(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.is_cuda(), "conv_bn (cuda): ", name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(t.device() == x.device(), "conv_bn (cuda): ", name, " is on ", t.device(), " but x is on ", x.device());
   TORCH_CHECK(t.dim() == 4, "conv_bn (cuda): ", name, " must be 4-D, got ", t.dim(), "-D");
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "conv_bn (cuda): ", name, " must have x's dtype ", x.scalar_type(),
               ", got ", t.scalar_type());
-  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "conv_bn (cuda): x must be contiguous or channels_last, got strides ", x.strides());
   return t.contiguous(format_of(x));
 }
 
@@ -568,10 +611,24 @@ void check_vector(const std::optional<Tensor>& v, const char* name, const Tensor
 }
 
 Geometry geometry(IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "conv_bn (cuda): stride, padding and dilation must have two entries each");
+  TORCH_CHECK(stride.size() == 2, "conv_bn (cuda): stride must have two entries, got ", stride);
+  TORCH_CHECK(padding.size() == 2, "conv_bn (cuda): padding must have two entries, got ", padding);
+  TORCH_CHECK(dilation.size() == 2, "conv_bn (cuda): dilation must have two entries, got ", dilation);
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK(stride[d] >= 1, "conv_bn (cuda): stride must be positive, got ", stride);
+    TORCH_CHECK(padding[d] >= 0, "conv_bn (cuda): padding must be non-negative, got ", padding);
+    TORCH_CHECK(dilation[d] >= 1, "conv_bn (cuda): dilation must be positive, got ", dilation);
+  }
   TORCH_CHECK(groups >= 1, "conv_bn (cuda): groups must be positive, got ", groups);
   return {stride.vec(), padding.vec(), dilation.vec(), groups};
+}
+
+// The weight's shape (K, C/groups, R, S) against x's C channels and groups.
+void check_weight_shape(IntArrayRef w, const Tensor& x, int64_t groups, const char* name) {
+  TORCH_CHECK(w.size() == 4, "conv_bn (cuda): ", name, " must have four entries (K, C/groups, R, S), got ", w);
+  TORCH_CHECK(w[0] >= 1 && w[2] >= 1 && w[3] >= 1, "conv_bn (cuda): ", name, " must have positive sizes, got ", w);
+  TORCH_CHECK(w[1] * groups == x.size(1) && w[0] % groups == 0, "conv_bn (cuda): ", name, " ", w, " with groups=",
+              groups, " does not fit x's ", x.size(1), " channels");
 }
 
 std::vector<int64_t> output_sizes(const Tensor& x, IntArrayRef w_sizes, const Geometry& g) {
@@ -610,9 +667,13 @@ std::string describe(const Plan& plan) {
   return "unfused: " + plan.unsupported;
 }
 
+// x: a 4-D CUDA (or meta: the shape-only kernels) tensor, contiguous or channels_last, of a supported dtype.
 void check_x(const Tensor& x) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 4, "conv_bn (cuda): x must be a 4-D CUDA tensor");
+  TORCH_CHECK(x.is_cuda() || x.is_meta(), "conv_bn (cuda): x must be a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.dim() == 4, "conv_bn (cuda): x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
   cudnn_dtype(x.scalar_type());
+  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "conv_bn (cuda): x must be contiguous or channels_last, got strides ", x.strides());
 }
 
 // The prologue's (scale, shift), checked and 16-byte aligned; both empty without a prologue.
@@ -641,12 +702,17 @@ std::tuple<Tensor, Tensor, Tensor> conv_bn_forward(const Tensor& x, const Tensor
   const auto [scale, shift] = prologue_vectors(scale_in, shift_in, x);
   const bool prologue = scale.has_value();
   const Geometry g = geometry(stride, padding, dilation, groups);
-  TORCH_CHECK(weight.size(1) * groups == x.size(1) && weight.size(0) % groups == 0, "conv_bn (cuda): weight of shape ",
-              weight.sizes(), " with groups=", groups, " does not fit x's ", x.size(1), " channels");
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  Tensor y = at::empty(output_sizes(x, weight.sizes(), g), x.options().memory_format(format_of(x)));
-  const int64_t k = y.size(1);
+  check_weight_shape(weight.sizes(), x, groups, "weight");
+  const auto out_sizes = output_sizes(x, weight.sizes(), g);
   const auto f32 = x.options().dtype(at::kFloat);
+  if (x.is_meta()) {
+    const int64_t nk = stats ? out_sizes[1] : 0;
+    return {at::empty(out_sizes, x.options().memory_format(format_of(x))), at::empty({nk}, f32),
+            at::empty({nk}, f32)};
+  }
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  Tensor y = at::empty(out_sizes, x.options().memory_format(format_of(x)));
+  const int64_t k = y.size(1);
   cudnnHandle_t handle = current_handle();
   auto plan = forward_plan(handle, x, weight, y, prologue, stats, g);
   if (plan->plan) {
@@ -662,9 +728,9 @@ std::tuple<Tensor, Tensor, Tensor> conv_bn_forward(const Tensor& x, const Tensor
     }
     execute(handle, *plan, uids, ptrs, x);
     if (!stats) return {y, sum, sqsum};
-    const double n = static_cast<double>(y.numel() / std::max<int64_t>(k, 1));
-    Tensor mean = sum / n;
-    Tensor var = (sqsum / n - mean * mean).clamp_min_(0);
+    // mean and biased variance from the fp32 sums, recentred from y where cancellation would cost digits
+    // (csrc/conv_bn_stats.cu).
+    auto [mean, var] = finalize_stats(y, sum, sqsum);
     return {y, mean, var};
   }
   TORCH_WARN_ONCE("resfused conv_bn (cuda): no fused cuDNN forward engine (", plan->unsupported,
@@ -684,10 +750,11 @@ Tensor conv_bn_wgrad(const Tensor& grad_y_in, const Tensor& x, const std::option
   const Tensor grad_y = like_x(grad_y_in, "grad_y", x);
   const auto [scale, shift] = prologue_vectors(scale_in, shift_in, x);
   const bool prologue = scale.has_value();
-  TORCH_CHECK(weight_size.size() == 4, "conv_bn (cuda): weight_size must have four entries");
   const Geometry g = geometry(stride, padding, dilation, groups);
+  check_weight_shape(weight_size, x, groups, "weight_size");
   TORCH_CHECK(IntArrayRef(output_sizes(x, weight_size, g)) == grad_y.sizes(), "conv_bn (cuda): grad_y has shape ",
               grad_y.sizes(), " but the conv's output has shape ", IntArrayRef(output_sizes(x, weight_size, g)));
+  if (x.is_meta()) return at::empty(weight_size, x.options().memory_format(format_of(x)));
   const c10::cuda::CUDAGuard device_guard(x.device());
   Tensor dw = at::empty(weight_size, x.options().memory_format(format_of(x)));
   cudnnHandle_t handle = current_handle();
@@ -715,8 +782,10 @@ Tensor conv_bn_wgrad(const Tensor& grad_y_in, const Tensor& x, const std::option
 std::string conv_bn_plan(const Tensor& x, const Tensor& weight_in, bool prologue, IntArrayRef stride,
                          IntArrayRef padding, IntArrayRef dilation, int64_t groups, bool stats, c10::string_view op) {
   check_x(x);
+  TORCH_CHECK(x.is_cuda(), "conv_bn (cuda): x must be a CUDA tensor, got device ", x.device());
   const Tensor weight = like_x(weight_in, "weight", x);
   const Geometry g = geometry(stride, padding, dilation, groups);
+  check_weight_shape(weight.sizes(), x, groups, "weight");
   const c10::cuda::CUDAGuard device_guard(x.device());
   const auto fmt = format_of(x);
   Tensor y = at::empty(output_sizes(x, weight.sizes(), g), x.options().memory_format(fmt));
@@ -748,4 +817,11 @@ TORCH_LIBRARY_IMPL(resfused_cuda_conv_bn, CUDA, m) {
   m.impl("conv_bn_forward", &resfused::conv_bn_cudnn::conv_bn_forward);
   m.impl("conv_bn_wgrad", &resfused::conv_bn_cudnn::conv_bn_wgrad);
   m.impl("conv_bn_plan", &resfused::conv_bn_cudnn::conv_bn_plan);
+}
+
+// Meta: the same argument checks and output shapes, no device work (shape propagation, and the checks testable
+// without a GPU).
+TORCH_LIBRARY_IMPL(resfused_cuda_conv_bn, Meta, m) {
+  m.impl("conv_bn_forward", &resfused::conv_bn_cudnn::conv_bn_forward);
+  m.impl("conv_bn_wgrad", &resfused::conv_bn_cudnn::conv_bn_wgrad);
 }

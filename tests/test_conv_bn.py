@@ -341,18 +341,18 @@ def tiny_tiles(monkeypatch):
     gpu = {} if tk._INTERPRET else {"num_warps": 4, "num_stages": 2}
     monkeypatch.setattr(tk, "_FIXED", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, **gpu})
     monkeypatch.setattr(tk, "_BWD", {**tk._BWD, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
-    monkeypatch.setattr(tk, "_MIN_BLOCK_M", None)
+    monkeypatch.setattr(tk, "_STATS_M", 16)
     return tk
 
 
-@pytest.mark.parametrize("min_block_m", [None, 8], ids=["exact", "oversized"])
-def test_two_level_statistics_merge(monkeypatch, tiny_tiles, min_block_m):
-    """More row tiles than _STATS_CHUNK (4 tiles of 16 rows in chunks of 3, the last one partial): the two-level
-    merge gives the single-level statistics and running stats up to fp32 rounding, and the same y. "oversized":
-    the partial buffers sized for 8-row tiles (as for an autotuned kernel whose chosen BLOCK_M is larger than the
-    smallest), so 3 of 7 partials have count 0 and the last chunk is empty."""
+@pytest.mark.parametrize("stats_m", [16, 8], ids=["one-per-program", "two-per-program"])
+def test_two_level_statistics_merge(monkeypatch, tiny_tiles, stats_m):
+    """More statistics tiles than _STATS_CHUNK (4 tiles of 16 rows in chunks of 3, the last one partial): the
+    two-level merge gives the single-level statistics and running stats up to fp32 rounding, and the same y.
+    "two-per-program": 8-row statistics tiles inside 16-row program tiles (as on a GPU, where BLOCK_M is a multiple
+    of _STATS_M), 7 partials, the last one of 2 rows."""
     tk = tiny_tiles
-    monkeypatch.setattr(tk, "_MIN_BLOCK_M", min_block_m)
+    monkeypatch.setattr(tk, "_STATS_M", stats_m)
     x, weight, pro, rm, rv, (s, p, g) = _conv_inputs("3x3_s1", torch.float32, "cl")
     assert x.shape[0] * x.shape[2] * x.shape[3] == 50  # 4 row tiles of 16 rows; 7 of 8
     runs = []
@@ -406,10 +406,10 @@ from triton.compiler import ASTSource
 import resfused.triton_kernels.conv_bn as k
 
 geo = dict(STRIDE_H=2, STRIDE_W=2, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, KH=3, KW=3, PROLOGUE=True,
-           INPUT_PRECISION="ieee", DOT_IN_FP32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
-tail = dict(RES_BN=True, CHANNELS_LAST=True, BLOCK_R=32, BLOCK_I=64)
+           INPUT_PRECISION="ieee", DOT_IN_FP32=False, INDEX64=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+tail = dict(RES_BN=True, CHANNELS_LAST=True, INDEX64=False, BLOCK_R=32, BLOCK_I=64)
 kernels = (
-    (k._conv_bn_fwd_kernel, dict(geo, STATS=True, FLAT_K=False)),
+    (k._conv_bn_fwd_kernel, dict(geo, STATS=True, FLAT_K=False, STATS_M=64, STATS_LOG2=6)),
     (k._bn_stats_merge_kernel, dict(BLOCK_C=128)),
     (k._bn_stats_finalize_kernel, dict(UPDATE_RUNNING=True, BLOCK_C=128)),
     (k._conv_bn_wgrad_kernel, geo),
@@ -760,6 +760,26 @@ def _ce(target):
     return lambda out: F.cross_entropy(out.float(), target)
 
 
+def _relu_margin(model, x) -> float:
+    """The smallest |ReLU input| over every ReLU of ``model``'s training forward on ``x``, in units of the std of
+    that input's channel (how far the least clear ReLU decision is from a flip)."""
+    margins = []
+
+    def hook(mod, args):
+        t = args[0].detach()
+        std = t.transpose(0, 1).reshape(t.shape[1], -1).std(dim=1).clamp_min(1e-30).view(1, -1, 1, 1)
+        margins.append(float((t.abs() / std).min()))
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+    try:
+        with torch.no_grad():
+            model.train()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return min(margins)
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_resnet_two_sgd_steps_float64(name):
     """Whole nets in float64: outputs, gradients, parameters, running stats and the eval output after training
@@ -782,10 +802,17 @@ def test_resnet18_sgd_step_float32(backend):
     float64 after a second step is 2-19% for the gradients (measured, three seeds): ReLU flips at rounding level
     are amplified, so any two float32 implementations disagree that much. Two steps are checked in float64 on
     whole nets and in float32 on blocks above.
+
+    The input must be well posed for float32: no ReLU input of the float64 run within 1e-5 of its channel's std
+    of zero (asserted), else which side of zero float32 rounds it to is luck, and one flipped ReLU early in the
+    net moves every gradient before it by about 1 %. Input seed 0 has one at 2.9e-7 std in layer2.0.bn1, which
+    stock float32 itself flips in channels_last (5.1e-3 on the eval output against 8e-5 in NCHW); seed 1's
+    smallest is 1.6e-5 std.
     """
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 3, 32, 32, generator=gen).to(DEVICE)
     target = torch.randint(0, 10, (4,), generator=gen).to(DEVICE)
+    assert _relu_margin(_model("resnet18", torch.float64), x.double()) > 1e-5
     runs = {}
     for key, dtype in (("ref", torch.float64), ("stock", torch.float32), ("ours", torch.float32)):
         model = _model("resnet18", dtype)

@@ -129,6 +129,14 @@ def _interpreter_blocks(c: int, hw: int, rows: int, channels_last: bool) -> tupl
 
 _tile_blocks = _interpreter_blocks if _INTERPRET else _gpu_blocks
 
+_INT32_MAX = 2**31 - 1
+
+
+def _cap_rows(block_r: int, c: int, block_c: int) -> int:
+    """channels_last: BLOCK_R capped so one tile's int32 offsets, r * C + j < BLOCK_R * (C + BLOCK_C), fit
+    (binds only past 2^24 channels)."""
+    return max(1, min(block_r, _prev_pow2(max(1, _INT32_MAX // (c + block_c)))))
+
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
@@ -155,6 +163,8 @@ class _Geometry:
         self.SB = (h * w + 7) // 8  # mask bytes per plane (NCHW)
         self.BLOCK_R, self.BLOCK_C = _tile_blocks(c, self.HW, self.R, self.channels_last)
         if self.channels_last:
+            self.BLOCK_R = _cap_rows(self.BLOCK_R, c, self.BLOCK_C)
+        if self.channels_last:
             self.S_TILES = 1  # unused
             self.row_tiles = triton.cdiv(self.R, self.BLOCK_R)
         else:
@@ -179,17 +189,29 @@ def _split_f64(v: float) -> tuple[float, float]:
     return hi, lo
 
 
-def _autotuned(key, restore_value=None):
-    """triton.autotune over num_warps on a GPU; the bare kernel (one fixed config) under the interpreter.
+# RESFUSED_TRITON_AUTOTUNE=0: every kernel runs its one fixed config (num_warps 4), on a GPU as under the
+# interpreter.
+_AUTOTUNE = os.environ.get("RESFUSED_TRITON_AUTOTUNE", "1") not in ("", "0")
+_FIXED_NUM_WARPS = 4
+_TUNED_NUM_WARPS = (2, 4, 8)
 
-    Every tuned kernel is idempotent except the statistics finalize, which updates the running stats in
-    place: its ``restore_value`` names them so the timing runs leave them as they were."""
+
+def _autotuned(key):
+    """triton.autotune over num_warps on a GPU, for the elementwise kernels only; the bare kernel (one
+    fixed config, num_warps _FIXED_NUM_WARPS) under the interpreter or with RESFUSED_TRITON_AUTOTUNE=0.
+
+    The reducing kernels (statistics partials and finalize, the backward's reduce and finalize) are never
+    tuned: num_warps decides how tl.sum splits a tile among threads, so their order of summation, and with
+    it the bits of the statistics, would follow whichever config won the timing in that process. Their tiles
+    and grids are functions of the shape and the device (_Geometry), so the order is fixed by the shape. The
+    elementwise kernels sum nothing in floating point (the mask's bit packing is an integer sum), so any
+    config gives the same bits. No tuned kernel mutates a buffer it reads, so none needs restore_value."""
 
     def wrap(fn):
-        if _INTERPRET:
+        if _INTERPRET or not _AUTOTUNE:
             return fn
-        configs = [triton.Config({}, num_warps=w) for w in (2, 4, 8)]
-        return triton.autotune(configs=configs, key=key, restore_value=restore_value)(fn)
+        configs = [triton.Config({}, num_warps=w) for w in _TUNED_NUM_WARPS]
+        return triton.autotune(configs=configs, key=key)(fn)
 
     return wrap
 
@@ -208,24 +230,29 @@ def _on_device(t: Tensor):
 # ---------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _tile_index(t, c, C, HW, R, S_TILES, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Element addressing of row tile ``t`` for channels ``c`` [BLOCK_C].
+def _tile_index(t, c0, c, C, HW, R, S_TILES, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Element addressing of row tile ``t`` for channels ``c`` = c0 + [0, BLOCK_C).
 
     Returns (base: int64 scalar, offs: int32 [BLOCK_R, BLOCK_C], rows_ok: [BLOCK_R]); the element of
     tile row i and channel j lives at base + offs[i, j]. Contiguous along axis 1 (channels_last) or
-    axis 0 (NCHW)."""
+    axis 0 (NCHW).
+
+    Everything that grows with the tensor (the tile's row, sample, plane and first channel) is in the
+    int64 scalar base; offs spans one tile only: (c - c0) * HW + r < BLOCK_C * HW <= 2 * _TILE_ELEMS
+    (NCHW: BLOCK_R >= HW/2 whenever BLOCK_C > 1), r * C + (c - c0) < BLOCK_R * (C + BLOCK_C) < 2^31
+    (channels_last: _cap_rows), so int32 cannot overflow however large one sample or plane is."""
     r = tl.arange(0, BLOCK_R)
     if CHANNELS_LAST:
         row0 = tl.cast(t, tl.int64) * BLOCK_R
-        base = row0 * C
-        offs = r[:, None] * C + c[None, :]
-        rows_ok = (row0 + r) < R
+        base = row0 * C + c0
+        offs = r[:, None] * C + (c - c0)[None, :]
+        rows_ok = r < tl.minimum(R - row0, BLOCK_R).to(tl.int32)
     else:
         n = t // S_TILES
-        s0 = (t - n * S_TILES) * BLOCK_R
-        base = tl.cast(n, tl.int64) * C * HW + s0
-        offs = c[None, :] * HW + r[:, None]
-        rows_ok = (s0 + r) < HW
+        s0 = tl.cast(t - n * S_TILES, tl.int64) * BLOCK_R
+        base = (tl.cast(n, tl.int64) * C + c0) * HW + s0
+        offs = (c - c0)[None, :] * HW + r[:, None]
+        rows_ok = r < tl.minimum(HW - s0, BLOCK_R).to(tl.int32)
     return base, offs, rows_ok
 
 
@@ -234,45 +261,46 @@ def _store_mask_bits(mask_ptr, pos, t, c0, C, HW, R, S_TILES, CB, SB, CHANNELS_L
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Pack ``pos`` [BLOCK_R, BLOCK_C] (False outside the tensor) eight to a byte along the contiguous
     axis and store the bytes of tile ``t``: bit j of a byte is element 8k+j of that axis, as pack_mask.
-    Tiles start at multiples of 8 on the packed axis, so each byte belongs to exactly one tile."""
+    Tiles start at multiples of 8 on the packed axis, so each byte belongs to exactly one tile. Offsets
+    as in _tile_index: what grows with the tensor in an int64 base, one tile's span in int32."""
     if CHANNELS_LAST:
         shift = tl.arange(0, BLOCK_C) % 8
         bits = pos.to(tl.int32) << shift[None, :]
         packed = tl.sum(tl.reshape(bits, [BLOCK_R, BLOCK_C // 8, 8]), axis=2)
         r = tl.arange(0, BLOCK_R)
-        k = c0 // 8 + tl.arange(0, BLOCK_C // 8)
+        kk = tl.arange(0, BLOCK_C // 8)
         row0 = tl.cast(t, tl.int64) * BLOCK_R
-        base = row0 * CB
-        offs = r[:, None] * CB + k[None, :]
-        ok = ((row0 + r) < R)[:, None] & (k < CB)[None, :]
+        base = row0 * CB + c0 // 8
+        offs = r[:, None] * CB + kk[None, :]
+        ok = (r < tl.minimum(R - row0, BLOCK_R).to(tl.int32))[:, None] & ((c0 // 8 + kk) < CB)[None, :]
     else:
         shift = tl.arange(0, BLOCK_R) % 8
         bits = pos.to(tl.int32) << shift[:, None]
         packed = tl.sum(tl.reshape(bits, [BLOCK_R // 8, 8, BLOCK_C]), axis=1)
         n = t // S_TILES
-        s0 = (t - n * S_TILES) * BLOCK_R
-        k = s0 // 8 + tl.arange(0, BLOCK_R // 8)
-        c = c0 + tl.arange(0, BLOCK_C)
-        base = tl.cast(n, tl.int64) * C * SB
-        offs = c[None, :] * SB + k[:, None]
-        ok = (k < SB)[:, None] & (c < C)[None, :]
+        k0 = tl.cast(t - n * S_TILES, tl.int64) * (BLOCK_R // 8)
+        kk = tl.arange(0, BLOCK_R // 8)
+        j = tl.arange(0, BLOCK_C)
+        base = (tl.cast(n, tl.int64) * C + c0) * SB + k0
+        offs = j[None, :] * SB + kk[:, None]
+        ok = (kk < tl.minimum(SB - k0, BLOCK_R // 8).to(tl.int32))[:, None] & ((c0 + j) < C)[None, :]
     tl.store(mask_ptr + base + offs, packed.to(tl.uint8), mask=ok)
 
 
 @triton.jit
-def _load_mask_bits(mask_ptr, t, c, ok, C, HW, R, S_TILES, CB, SB, CHANNELS_LAST: tl.constexpr,
+def _load_mask_bits(mask_ptr, t, c0, c, ok, C, HW, R, S_TILES, CB, SB, CHANNELS_LAST: tl.constexpr,
                     BLOCK_R: tl.constexpr):
     """The mask bits of tile ``t`` as a bool [BLOCK_R, BLOCK_C] (False where ``ok`` is False)."""
     r = tl.arange(0, BLOCK_R)
     if CHANNELS_LAST:
-        base = tl.cast(t, tl.int64) * BLOCK_R * CB
-        offs = r[:, None] * CB + (c // 8)[None, :]
+        base = tl.cast(t, tl.int64) * BLOCK_R * CB + c0 // 8
+        offs = r[:, None] * CB + ((c - c0) // 8)[None, :]
         shift = (c % 8)[None, :]
     else:
         n = t // S_TILES
-        s0 = (t - n * S_TILES) * BLOCK_R
-        base = tl.cast(n, tl.int64) * C * SB + s0 // 8
-        offs = c[None, :] * SB + (r // 8)[:, None]
+        s0 = tl.cast(t - n * S_TILES, tl.int64) * BLOCK_R
+        base = (tl.cast(n, tl.int64) * C + c0) * SB + s0 // 8
+        offs = (c - c0)[None, :] * SB + (r // 8)[:, None]
         shift = (r % 8)[:, None]
     byte = tl.load(mask_ptr + base + offs, mask=ok, other=0)
     return ((byte.to(tl.int32) >> shift) & 1) != 0
@@ -308,7 +336,7 @@ def _shift_of(x_ptr, c, c_ok, HW, CHANNELS_LAST: tl.constexpr):
     if CHANNELS_LAST:
         k = tl.load(x_ptr + c, mask=c_ok, other=0.0)
     else:
-        k = tl.load(x_ptr + c * HW, mask=c_ok, other=0.0)
+        k = tl.load(x_ptr + c.to(tl.int64) * HW, mask=c_ok, other=0.0)  # C * HW may pass 2^31
     return k
 
 
@@ -316,7 +344,6 @@ def _shift_of(x_ptr, c, c_ok, HW, CHANNELS_LAST: tl.constexpr):
 # training forward: statistics
 # ---------------------------------------------------------------------------------------------------
 
-@_autotuned(key=["C", "HW", "R", "CHANNELS_LAST"])
 @triton.jit
 def _bn_stats_partial_kernel(x_ptr, ws_ptr, C, HW, R, S_TILES, CB, SB, row_tiles,
                              CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -325,7 +352,8 @@ def _bn_stats_partial_kernel(x_ptr, ws_ptr, C, HW, R, S_TILES, CB, SB, row_tiles
     ws: (3, P, C) of the statistics dtype; the mean is of the shifted data."""
     pid_r = tl.program_id(0)
     n_prog = tl.num_programs(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c0 = tl.program_id(1) * BLOCK_C
+    c = c0 + tl.arange(0, BLOCK_C)
     c_ok = c < C
     acc_ty = ws_ptr.dtype.element_ty
     shift = _shift_of(x_ptr, c, c_ok, HW, CHANNELS_LAST).to(acc_ty)
@@ -333,7 +361,7 @@ def _bn_stats_partial_kernel(x_ptr, ws_ptr, C, HW, R, S_TILES, CB, SB, row_tiles
     mean = tl.zeros([BLOCK_C], dtype=acc_ty)
     m2 = tl.zeros([BLOCK_C], dtype=acc_ty)
     for t in range(pid_r, row_tiles, n_prog):
-        base, offs, rows_ok = _tile_index(t, c, C, HW, R, S_TILES, CHANNELS_LAST, BLOCK_R)
+        base, offs, rows_ok = _tile_index(t, c0, c, C, HW, R, S_TILES, CHANNELS_LAST, BLOCK_R)
         ok = rows_ok[:, None] & c_ok[None, :]
         x = tl.load(x_ptr + base + offs, mask=ok, other=0.0).to(acc_ty)
         d = tl.where(ok, x - shift[None, :], 0.0)
@@ -356,7 +384,6 @@ def _bn_stats_partial_kernel(x_ptr, ws_ptr, C, HW, R, S_TILES, CB, SB, row_tiles
     tl.store(ws_ptr + 2 * plane + out, m2, mask=c_ok)
 
 
-@_autotuned(key=["C", "P", "HAS_RUNNING"], restore_value=["rm_ptr", "rv_ptr"])
 @triton.jit
 def _bn_stats_finalize_kernel(ws_ptr, x_ptr, mean_ptr, invstd_ptr, rm_ptr, rv_ptr, C, HW, P,
                               eps_hi, eps_lo, mom_hi, mom_lo,
@@ -437,7 +464,7 @@ def _bn_apply_kernel(x_ptr, z_ptr, y_ptr, mask_ptr, mean_ptr, scale_ptr, weight_
         b = tl.load(bias_ptr + c, mask=c_ok, other=0.0)
     else:
         b = tl.zeros([BLOCK_C], dtype=acc_ty)
-    base, offs, rows_ok = _tile_index(t, c, C, HW, R, S_TILES, CHANNELS_LAST, BLOCK_R)
+    base, offs, rows_ok = _tile_index(t, c0, c, C, HW, R, S_TILES, CHANNELS_LAST, BLOCK_R)
     ok = rows_ok[:, None] & c_ok[None, :]
     x = tl.load(x_ptr + base + offs, mask=ok, other=0.0).to(acc_ty)
     acc = (x - mean[None, :]) * a[None, :] + b[None, :]
@@ -458,7 +485,6 @@ def _bn_apply_kernel(x_ptr, z_ptr, y_ptr, mask_ptr, mean_ptr, scale_ptr, weight_
 # backward
 # ---------------------------------------------------------------------------------------------------
 
-@_autotuned(key=["C", "HW", "R", "HAS_MASK", "WRITE_G", "HAS_SAMPLE_SCALE", "CHANNELS_LAST"])
 @triton.jit
 def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, mask_ptr, g_ptr, mean_ptr, ss_ptr, ws_ptr, C, HW, R, S_TILES, CB, SB,
                           row_tiles, HAS_MASK: tl.constexpr, WRITE_G: tl.constexpr, HAS_SAMPLE_SCALE: tl.constexpr,
@@ -468,18 +494,19 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, mask_ptr, g_ptr, mean_ptr, ss_ptr, ws_p
     HAS_SAMPLE_SCALE)."""
     pid_r = tl.program_id(0)
     n_prog = tl.num_programs(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c0 = tl.program_id(1) * BLOCK_C
+    c = c0 + tl.arange(0, BLOCK_C)
     c_ok = c < C
     acc_ty = ws_ptr.dtype.element_ty
     mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(acc_ty)
     sum_g = tl.zeros([BLOCK_C], dtype=acc_ty)
     sum_gx = tl.zeros([BLOCK_C], dtype=acc_ty)
     for t in range(pid_r, row_tiles, n_prog):
-        base, offs, rows_ok = _tile_index(t, c, C, HW, R, S_TILES, CHANNELS_LAST, BLOCK_R)
+        base, offs, rows_ok = _tile_index(t, c0, c, C, HW, R, S_TILES, CHANNELS_LAST, BLOCK_R)
         ok = rows_ok[:, None] & c_ok[None, :]
         g = tl.load(dy_ptr + base + offs, mask=ok, other=0.0).to(acc_ty)
         if HAS_MASK:
-            bits = _load_mask_bits(mask_ptr, t, c, ok, C, HW, R, S_TILES, CB, SB, CHANNELS_LAST, BLOCK_R)
+            bits = _load_mask_bits(mask_ptr, t, c0, c, ok, C, HW, R, S_TILES, CB, SB, CHANNELS_LAST, BLOCK_R)
             g = tl.where(bits, g, 0.0)
         if WRITE_G:
             tl.store(g_ptr + base + offs, g.to(g_ptr.dtype.element_ty), mask=ok)
@@ -494,7 +521,6 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, mask_ptr, g_ptr, mean_ptr, ss_ptr, ws_p
     tl.store(ws_ptr + n_prog * C + out, sum_gx, mask=c_ok)
 
 
-@_autotuned(key=["C", "P"])
 @triton.jit
 def _bn_bwd_finalize_kernel(ws_ptr, invstd_ptr, sum_g_ptr, sum_gxhat_ptr, C, P,
                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -530,17 +556,18 @@ def _bn_bwd_elementwise_kernel(dy_ptr, mask_ptr, g_ptr, x_ptr, dx_ptr, mean_ptr,
     g (= dy*mask) is read from g_ptr (G_FROM_BUFFER, written by the reduce kernel) or rebuilt from dy and
     the mask, and then optionally stored to g_ptr (WRITE_G: grad_residual when no reduction ran)."""
     t = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c0 = tl.program_id(1) * BLOCK_C
+    c = c0 + tl.arange(0, BLOCK_C)
     c_ok = c < C
     acc_ty = invstd_ptr.dtype.element_ty
-    base, offs, rows_ok = _tile_index(t, c, C, HW, R, S_TILES, CHANNELS_LAST, BLOCK_R)
+    base, offs, rows_ok = _tile_index(t, c0, c, C, HW, R, S_TILES, CHANNELS_LAST, BLOCK_R)
     ok = rows_ok[:, None] & c_ok[None, :]
     if G_FROM_BUFFER:
         g = tl.load(g_ptr + base + offs, mask=ok, other=0.0).to(acc_ty)
     else:
         g = tl.load(dy_ptr + base + offs, mask=ok, other=0.0).to(acc_ty)
         if HAS_MASK:
-            bits = _load_mask_bits(mask_ptr, t, c, ok, C, HW, R, S_TILES, CB, SB, CHANNELS_LAST, BLOCK_R)
+            bits = _load_mask_bits(mask_ptr, t, c0, c, ok, C, HW, R, S_TILES, CB, SB, CHANNELS_LAST, BLOCK_R)
             g = tl.where(bits, g, 0.0)
         if WRITE_G:
             tl.store(g_ptr + base + offs, g.to(g_ptr.dtype.element_ty), mask=ok)

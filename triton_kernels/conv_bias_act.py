@@ -25,12 +25,16 @@ once. For fp32 inputs on a GPU the dot uses TF32 exactly when cuDNN convolutions
 (torch.backends.cudnn.allow_tf32, True by default), so the fused model matches stock conv numerics;
 otherwise it runs IEEE fp32.
 
-Autotuned on GPU (key: the GEMM shape and the conv geometry); one fixed config under TRITON_INTERPRET=1.
+Autotuned on GPU (key: the GEMM shape and the conv geometry) over BLOCK_M, BLOCK_N, num_warps and num_stages,
+never BLOCK_K, so the result is the same bits whichever config wins (_GPU_TILES); one fixed config under
+TRITON_INTERPRET=1 or with RESFUSED_TRITON_AUTOTUNE=0. Launches run on x's device (on_device). Offsets are int32
+unless a tensor of the call holds 2^31 elements or more (index64, INDEX64).
 The kernel writes only y, so autotuning needs no restore_value.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Sequence
 
@@ -58,22 +62,39 @@ def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
 
 
 @triton.jit
-def _gemm_tile(M, N_G, SP_H, SP_W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _gemm_tile(M, N_G, SP_H, SP_W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INDEX64: tl.constexpr):
     """This program's tile of a grouped implicit GEMM over a 2-D grid (row tiles, groups x column tiles).
 
     Rows rm are the pixels of an (N, SP_H, SP_W) image grid, columns rn the channels of group grp. Returns
     (grp, rm, rn, m_ok, n_ok, img64, ph, pw): the pixel's image index in int64 (it scales image strides) and
-    its position.
+    its position. INDEX64 (a tensor of the call holds 2^31 elements or more, see index64): rm, rn and the
+    positions are int64 too, so the pixel index and every offset inside one image (ph * stride_h + channel *
+    stride_c, which reaches one sample's size) are computed in 64 bits; otherwise int32, which cannot
+    overflow then (every offset is below the numel of the tensor it indexes).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if INDEX64:
+        pid_m = pid_m.to(tl.int64)
+        pid_n = pid_n.to(tl.int64)
     tiles_n = tl.cdiv(N_G, BLOCK_N)
     grp = pid_n // tiles_n
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = (pid_n % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     hw = SP_H * SP_W
+    if INDEX64:
+        hw = SP_H.to(tl.int64) * SP_W  # one plane may hold 2^31 pixels or more
     pix = rm % hw
     return grp, rm, rn, rm < M, rn < N_G, (rm // hw).to(tl.int64), pix // SP_W, pix % SP_W
+
+
+@triton.jit
+def _k_range(BLOCK_K: tl.constexpr, INDEX64: tl.constexpr):
+    """[0, BLOCK_K): the K offsets of a tile (channels, or flat (tap, channel) indices), int64 under INDEX64."""
+    rk = tl.arange(0, BLOCK_K)
+    if INDEX64:
+        rk = rk.to(tl.int64)
+    return rk
 
 
 @triton.jit
@@ -90,10 +111,10 @@ def _conv_bias_act_kernel(
         DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
         SC_STRIDE_H: tl.constexpr, SC_STRIDE_W: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SC: tl.constexpr, RELU: tl.constexpr,
-        FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, INDEX64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    grp, rm, rn, m_ok, n_ok, img64, oh, ow = _gemm_tile(M, C_OUT_G, HO, WO, BLOCK_M, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    grp, rm, rn, m_ok, n_ok, img64, oh, ow = _gemm_tile(M, C_OUT_G, HO, WO, BLOCK_M, BLOCK_N, INDEX64)
+    rk = _k_range(BLOCK_K, INDEX64)
     co = grp * C_OUT_G + rn
     ih0 = oh * STRIDE_H - PAD_H
     iw0 = ow * STRIDE_W - PAD_W
@@ -158,16 +179,21 @@ def _conv_bias_act_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
+# Autotuned configs (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_K is not tuned: it is _GEMM_BLOCK_K for every
+# config. The result must not depend on the config chosen (bitwise, in every process): each output element is
+# one thread's fp32 accumulator, fed by the MMA (or, for IEEE fp32, FMA) chain over K in order, BLOCK_K elements
+# per dot, so only BLOCK_K could change the order of summation; BLOCK_M >= 64 with num_warps a multiple of 4
+# keeps every config on the same instruction (wgmma on sm_90) for the same reason. (The conv + BN forward's
+# statistics, a reduction over rows, have a tile of their own: triton_kernels/conv_bn.py.)
+_GEMM_BLOCK_K = 32
+# No config here may spill registers on sm_90 (`make static-check` fails if one does): 128x256 and 256x128 (8 warps)
+# were dropped, at 200-255 registers they spilled in fp32, at the stem and at the stride-2 3x3s in bf16.
+_GPU_TILES = ((128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (64, 32, 4, 4))
+
+
 def _gpu_configs():
-    # No config here may spill registers on sm_90 (`make static-check` fails if one does). 128x256 and 256x128
-    # (8 warps) were dropped: 200-255 registers, spilling in fp32, at the stem and at the stride-2 3x3s in bf16;
-    # 32x64x64 (4 warps, 3 stages) became 32x64x32 with 4 stages: it spilled 24 B with the BN prologue.
-    cfgs = []
-    for bm, bn, bk, warps, stages in ((128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4),
-                                      (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (64, 32, 32, 4, 4),
-                                      (32, 64, 32, 4, 4)):
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
-    return cfgs
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": _GEMM_BLOCK_K}, num_warps=warps,
+                          num_stages=stages) for bm, bn, warps, stages in _GPU_TILES]
 
 
 def _prune_configs(configs, nargs, **kwargs):
@@ -199,7 +225,26 @@ elif _AUTOTUNE:
     _FIXED = {}
 else:
     _kernel = _conv_bias_act_kernel
-    _FIXED = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+    _FIXED = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": _GEMM_BLOCK_K, "num_warps": 4, "num_stages": 3}
+
+_INT32_MAX = 2**31 - 1
+
+
+def index64(*tensors: Optional[Tensor]) -> bool:
+    """Whether a kernel indexing these tensors needs 64-bit offsets: some tensor has 2^31 elements or more (in
+    one sample, for NCHW, the channel and row offsets alone can reach that). Below, every offset into a dense
+    tensor is below its numel and int32 is exact."""
+    return any(t is not None and t.numel() > _INT32_MAX for t in tensors)
+
+
+@contextlib.contextmanager
+def on_device(t: Tensor):
+    """Launch on t's device (a tensor on cuda:1 while cuda:0 is current launches there, not on cuda:0)."""
+    if t.is_cuda:
+        with torch.cuda.device(t.device):
+            yield
+    else:
+        yield
 
 
 def _out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
@@ -247,17 +292,17 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: O
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), groups * triton.cdiv(c_out_g, meta["BLOCK_N"]))
 
-    _kernel[grid](
-        x, weight, bias if bias is not None else dummy, res, x2, w2, y,
-        m, triton.next_power_of_2(m), h, w, c_in_g, ho, wo, c_out_g, c2,
-        *_strides4(x), *_strides4(weight), *_strides4(res), *_strides4(x2),
-        w2.stride(0), w2.stride(1),
-        *_strides4(y),
-        STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
-        DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw,
-        SC_STRIDE_H=shortcut_stride[0], SC_STRIDE_W=shortcut_stride[1],
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_SC=has_sc, RELU=bool(relu),
-        FLAT_K=flat_k, INPUT_PRECISION=input_precision(x.dtype),
-        DOT_IN_FP32=_INTERPRET and x.dtype == torch.bfloat16,
-        **_FIXED)
+    with on_device(x):
+        _kernel[grid](x, weight, bias if bias is not None else dummy, res, x2, w2, y,
+                m, triton.next_power_of_2(m), h, w, c_in_g, ho, wo, c_out_g, c2,
+                *_strides4(x), *_strides4(weight), *_strides4(res), *_strides4(x2),
+                w2.stride(0), w2.stride(1),
+                *_strides4(y),
+                STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+                DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw,
+                SC_STRIDE_H=shortcut_stride[0], SC_STRIDE_W=shortcut_stride[1],
+                HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_SC=has_sc, RELU=bool(relu),
+                FLAT_K=flat_k, INPUT_PRECISION=input_precision(x.dtype),
+                DOT_IN_FP32=_INTERPRET and x.dtype == torch.bfloat16,
+                INDEX64=index64(x, weight, residual, shortcut_x, shortcut_weight, y), **_FIXED)
     return y

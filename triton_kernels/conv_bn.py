@@ -12,8 +12,10 @@ triton_kernels/conv_bias_act.py. The prologue is applied to each A tile right af
 then rounded to the input dtype for the dot; positions outside the image (zero padding) and past the tensor
 are set to 0 AFTER the activation, so a padded position contributes 0, not relu(in_shift).
 
-Statistics: each program writes its tile's (mean, M2) per output channel into a (T, C_out) fp32 buffer and
-the tile's row count into a (T,) buffer (T = number of row tiles); ``_bn_stats_finalize_kernel`` merges the T
+Statistics: per statistics tile of _STATS_M output rows (a function of the shape, not of the autotuned BLOCK_M,
+which is a multiple of it; summed by a fixed pairwise tree, not tl.sum, whose order follows num_warps), each
+program writes its tiles' (mean, M2) per output channel into a (T, C_out) fp32 buffer and their row counts into
+a (T,) buffer (T = number of statistics tiles), so no autotuned parameter changes the order of any sum; ``_bn_stats_finalize_kernel`` merges the T
 partials per channel in tile order with Chan's formula (centred; no E[x^2] - E[x]^2, no atomics, so the
 result is deterministic), writes mean and invstd and updates running_mean / running_var as nn.BatchNorm2d
 does (unbiased variance). Beyond _STATS_CHUNK tiles the merge takes two levels: ``_bn_stats_merge_kernel``
@@ -33,7 +35,7 @@ Backward (three kernels and a torch.sum):
   * _bn_input_grad_kernel: grad_x = w * invstd * (gz - mean(gz) - xhat * mean(gz * xhat)) elementwise.
 
 Passes over memory per conv, training (activations only; w is small):
-  forward   read x (once per N-tile of C_out), write y; partials 2 * T * C_out * 4 bytes (1/BLOCK_M of y in fp32).
+  forward   read x (once per N-tile of C_out), write y; partials 2 * T * C_out * 4 bytes (1/_STATS_M of y in fp32).
   backward  wgrad: read x + read dy (once per tile of dw); dgrad: read dy, read x, write gz; input grad:
             read gz + read x, write grad_x (gz, x and grad_x in x's dtype). Stock (conv, BN, ReLU as separate
             ops) additionally writes and reads the normalized activation in forward, saves it for backward, and
@@ -51,9 +53,11 @@ Block tail, out = relu(bn(y) + residual) or relu(bn(y) + bn_d(residual)) (the do
             (grad_residual = gz), 8 + 2/16 with one. Floor: the reductions must finish before any grad_y element
             is known, so grad, mask and y are read twice: the same.
 
-Forward conv autotuned on GPU (restore_value on the count buffer, which a smaller BLOCK_M would overwrite
-further); the backward and tail kernels use one fixed GPU config; one fixed config for everything under
-TRITON_INTERPRET=1. Not yet run on a GPU.
+Forward conv autotuned on GPU over tiles that keep every order of summation (triton_kernels/conv_bias_act.py's
+list: BLOCK_K fixed; tests/test_determinism.py checks every config gives the same bits); the backward and tail
+kernels use one fixed GPU config; one fixed config for everything under TRITON_INTERPRET=1 or with
+RESFUSED_TRITON_AUTOTUNE=0. Launches run on their tensors' device. Offsets are int32 unless a tensor of the call
+holds 2^31 elements or more (INDEX64); the tail kernels run on a 1-D grid. Not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv_bias_act import _FLAT_K_BELOW, _PRUNE, _gemm_tile, _gpu_configs, _mma, _out_size, input_precision
+from .conv_bias_act import (_FLAT_K_BELOW, _PRUNE, _gemm_tile, _gpu_configs, _k_range, _mma, _out_size, index64,
+                            input_precision, on_device)
 
 Tensor = torch.Tensor
 
@@ -97,10 +102,11 @@ def _conv_bn_fwd_kernel(
         STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
         DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
         PROLOGUE: tl.constexpr, STATS: tl.constexpr,
-        FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, INDEX64: tl.constexpr,
+        STATS_M: tl.constexpr, STATS_LOG2: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    grp, rm, rn, m_ok, n_ok, img64, oh, ow = _gemm_tile(M, C_OUT_G, HO, WO, BLOCK_M, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    grp, rm, rn, m_ok, n_ok, img64, oh, ow = _gemm_tile(M, C_OUT_G, HO, WO, BLOCK_M, BLOCK_N, INDEX64)
+    rk = _k_range(BLOCK_K, INDEX64)
     co = grp * C_OUT_G + rn
     ih0 = oh * STRIDE_H - PAD_H
     iw0 = ow * STRIDE_W - PAD_W
@@ -153,16 +159,35 @@ def _conv_bn_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
     if STATS:
-        pid_m = tl.program_id(0)
+        # One (count, mean, M2) partial per STATS_M-row tile, BLOCK_M // STATS_M of them per program: the
+        # statistics tile is a function of the shape, not of the autotuned BLOCK_M, and its sums run as a fixed
+        # pairwise tree (_group_tree_sum), not tl.sum, whose order follows num_warps and the layout.
         # Rows past M hold exact zeros (their A rows were masked to 0), so the plain sum is the valid rows' sum.
-        cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        t_mean = tl.sum(acc, axis=0) / cnt
-        d = tl.where(m_ok[:, None], acc - t_mean[None, :], 0.0)
-        t_m2 = tl.sum(d * d, axis=0)
-        p_off = pid_m.to(tl.int64) * C_OUT + co
-        tl.store(pmean_ptr + p_off, t_mean, mask=n_ok)
-        tl.store(pm2_ptr + p_off, t_m2, mask=n_ok)
-        tl.store(pcnt_ptr + pid_m, cnt, mask=tl.program_id(1) == 0)
+        G: tl.constexpr = BLOCK_M // STATS_M
+        tid = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)
+        cnt = tl.minimum(tl.maximum(M - tid * STATS_M, 0), STATS_M).to(tl.float32)
+        t_ok = cnt > 0
+        t_mean = _group_tree_sum(acc, BLOCK_M, BLOCK_N, STATS_M, STATS_LOG2) / tl.maximum(cnt, 1.0)[:, None]
+        dev = tl.reshape(tl.reshape(acc, [G, STATS_M, BLOCK_N]) - t_mean[:, None, :], [BLOCK_M, BLOCK_N])
+        dev = tl.where(m_ok[:, None], dev, 0.0)
+        t_m2 = _group_tree_sum(dev * dev, BLOCK_M, BLOCK_N, STATS_M, STATS_LOG2)
+        p_off = tid[:, None] * C_OUT + co[None, :]
+        p_ok = t_ok[:, None] & n_ok[None, :]
+        tl.store(pmean_ptr + p_off, t_mean, mask=p_ok)
+        tl.store(pm2_ptr + p_off, t_m2, mask=p_ok)
+        tl.store(pcnt_ptr + tid, cnt, mask=t_ok & (tl.program_id(1) == 0))
+
+
+@triton.jit
+def _group_tree_sum(x, ROWS: tl.constexpr, N: tl.constexpr, GROUP: tl.constexpr, LOG2_GROUP: tl.constexpr):
+    """[ROWS, N] -> [ROWS // GROUP, N]: each run of GROUP consecutive rows summed by a fixed pairwise tree (at
+    every level row i gets row i + half), so the bits are those of the values alone, whatever the layout of x,
+    num_warps or the tile holding the runs (two-operand fp32 additions are commutative; only grouping matters)."""
+    v = tl.reshape(x, [ROWS // GROUP, GROUP, N])
+    for level in tl.static_range(LOG2_GROUP):
+        lo, hi = tl.split(tl.permute(tl.reshape(v, [ROWS // GROUP, 2, GROUP >> (level + 1), N]), (0, 2, 3, 1)))
+        v = lo + hi
+    return tl.reshape(v, [ROWS // GROUP, N])
 
 
 @triton.jit
@@ -173,7 +198,7 @@ def _chan_merge(pmean_ptr, pm2_ptr, pcnt_ptr, t0, t1, rc, c_ok, C, BLOCK_C: tl.c
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for t in range(t0, t1):
         nb = tl.load(pcnt_ptr + t)
-        off = t * C + rc
+        off = tl.cast(t, tl.int64) * C + rc
         # Partials with count 0 (past the chosen config's grid; never written) change nothing.
         used = nb > 0
         mb = tl.where(used, tl.load(pmean_ptr + off, mask=c_ok, other=0.0), mean)
@@ -224,22 +249,25 @@ def _bn_stats_finalize_kernel(pmean_ptr, pm2_ptr, pcnt_ptr, mean_ptr, invstd_ptr
 _AUTOTUNE_KEY = ["M_BUCKET", "C_IN_G", "C_OUT_G", "KH", "KW", "STRIDE_H", "FLAT_K", "PROLOGUE", "STATS", "sxc"]
 _AUTOTUNE = os.environ.get("RESFUSED_TRITON_AUTOTUNE", "1") not in ("", "0")
 
+# The statistics tile: partials are per _STATS_M output rows whatever BLOCK_M the forward runs with (every BLOCK_M
+# is a multiple of it), so the merge order is fixed by the shape. 64 rows on a GPU (the smallest tuned BLOCK_M;
+# partials 2 * 4 bytes per 64 rows and channel, 1/16 of a bf16 y), 16 under the interpreter (tests run 16-row
+# tiles).
 if _INTERPRET:
     _kernel = _conv_bn_fwd_kernel
     # Wide N and K tiles keep the interpreter's per-program cost down; tests swap in 16x16x16 tiles so tiny
     # shapes still run several row tiles (the Chan merge), K loops and tails.
     _FIXED = {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128}
-    _MIN_BLOCK_M = None
+    _STATS_M = 16
 elif _AUTOTUNE:
-    _kernel = triton.autotune(configs=_gpu_configs(), key=_AUTOTUNE_KEY, restore_value=["pcnt_ptr"],
-                              prune_configs_by=_PRUNE)(
-        _conv_bn_fwd_kernel)
+    # Every config writes every partial and count, so timing runs need no restore_value.
+    _kernel = triton.autotune(configs=_gpu_configs(), key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)(_conv_bn_fwd_kernel)
     _FIXED = {}
-    _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _gpu_configs())
+    _STATS_M = 64
 else:
     _kernel = _conv_bn_fwd_kernel
     _FIXED = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
-    _MIN_BLOCK_M = None
+    _STATS_M = 64
 
 _FINALIZE_BLOCK_C = 128
 # More partials than this take the two-level merge, in chunks of max(_STATS_CHUNK, ~sqrt(T)) partials, so
@@ -295,29 +323,30 @@ def forward(x: Tensor, weight: Tensor, in_mean: Optional[Tensor], in_invstd: Opt
         pro_shift = in_bias
     else:
         pro_mean = pro_scale = pro_shift = y  # never read: PROLOGUE is False
-    block_m_min = _FIXED["BLOCK_M"] if _MIN_BLOCK_M is None else _MIN_BLOCK_M
-    tiles = triton.cdiv(m, block_m_min) if stats else 1
+    tiles = triton.cdiv(m, _STATS_M) if stats else 1
     pmean = torch.empty((tiles, c_out) if stats else (1,), dtype=st, device=x.device)
     pm2 = torch.empty_like(pmean)
-    pcnt = torch.zeros((tiles,), dtype=st, device=x.device)
+    pcnt = torch.empty((tiles,), dtype=st, device=x.device)
     c_out_g = c_out // groups
     flat_k = c_in_g < _FLAT_K_BELOW and kh * kw > 1
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), groups * triton.cdiv(c_out_g, meta["BLOCK_N"]))
 
-    _kernel[grid](
-        x, weight, pro_mean, pro_scale, pro_shift, y, pmean, pm2, pcnt,
-        m, triton.next_power_of_2(m), h, w, c_in_g, ho, wo, c_out_g, c_out,
-        *x.stride(), *weight.stride(), *y.stride(),
-        STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
-        DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw,
-        PROLOGUE=bool(prologue), STATS=bool(stats),
-        FLAT_K=flat_k, INPUT_PRECISION=input_precision(x.dtype),
-        DOT_IN_FP32=_INTERPRET and x.dtype == torch.bfloat16,
-        **_FIXED)
-    if stats:
-        _finalize_stats(pmean, pm2, pcnt, mean, invstd, running_mean, running_var, momentum, eps)
+    with on_device(x):
+        _kernel[grid](
+            x, weight, pro_mean, pro_scale, pro_shift, y, pmean, pm2, pcnt,
+            m, triton.next_power_of_2(m), h, w, c_in_g, ho, wo, c_out_g, c_out,
+            *x.stride(), *weight.stride(), *y.stride(),
+            STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+            DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw,
+            PROLOGUE=bool(prologue), STATS=bool(stats),
+            FLAT_K=flat_k, INPUT_PRECISION=input_precision(x.dtype),
+            DOT_IN_FP32=_INTERPRET and x.dtype == torch.bfloat16, INDEX64=index64(x, weight, y),
+            STATS_M=_STATS_M, STATS_LOG2=_STATS_M.bit_length() - 1,
+            **_FIXED)
+        if stats:
+            _finalize_stats(pmean, pm2, pcnt, mean, invstd, running_mean, running_var, momentum, eps)
     return y, mean, invstd
 
 
@@ -334,7 +363,7 @@ def _conv_bn_wgrad_kernel(
         swo, swi, swh, sww, sws,
         STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
         DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-        PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, INDEX64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dw[co, (tap, c)] = sum_m dy[m, co] * a[m, (tap, c)], a = relu(bn(x)) regathered and recomputed per tile.
 
@@ -344,6 +373,11 @@ def _conv_bn_wgrad_kernel(
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    split = tl.program_id(2)
+    if INDEX64:  # see _gemm_tile
+        pid_n = pid_n.to(tl.int64)
+        pid_k = pid_k.to(tl.int64)
+        split = split.to(tl.int64)
     tiles_n = tl.cdiv(C_OUT_G, BLOCK_N)
     grp = pid_n // tiles_n
     tile_n = pid_n % tiles_n
@@ -359,12 +393,13 @@ def _conv_bn_wgrad_kernel(
     kw = tap % KW
     c_base = grp * C_IN_G
     hw_o = HO * WO
+    if INDEX64:
+        hw_o = HO.to(tl.int64) * WO
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    split = tl.program_id(2)
     m_start = split * ROWS_PER_SPLIT
     m_end = tl.minimum(m_start + ROWS_PER_SPLIT, M)
     for m0 in range(m_start, m_end, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
+        rm = m0 + _k_range(BLOCK_M, INDEX64)
         m_ok = rm < m_end
         img64 = (rm // hw_o).to(tl.int64)
         pix = rm % hw_o
@@ -409,7 +444,7 @@ def _conv_bn_dgrad_kernel(
         son, soc, soh, sow,
         STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
         DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-        PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, INDEX64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """grad_a[p, ci] = sum_(tap, co) dy[p's output pixel for tap, co] * w[co, ci, tap] over input pixels p.
 
@@ -417,8 +452,8 @@ def _conv_bn_dgrad_kernel(
     writes gz in x's dtype and the tile's per-channel partial sums of gz and gz * xhat from the fp32
     accumulator (deterministic, no atomics); without it, grad_a is the input gradient, written in x's dtype.
     """
-    grp, rm, rn, m_ok, n_ok, img64, ih, iw = _gemm_tile(MI, C_IN_G, H, W, BLOCK_M, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    grp, rm, rn, m_ok, n_ok, img64, ih, iw = _gemm_tile(MI, C_IN_G, H, W, BLOCK_M, BLOCK_N, INDEX64)
+    rk = _k_range(BLOCK_K, INDEX64)
     ci = grp * C_IN_G + rn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tap in range(0, KH * KW):
@@ -466,16 +501,18 @@ def _bn_input_grad_kernel(gz_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, sum_g
     memory order; gz, x and grad_x share x's strides."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < TOTAL
+    # offs is int64; so are the plane and sample sizes it is divided by (one sample may hold 2^31 elements).
+    c64 = tl.cast(C, tl.int64)
     if CHANNELS_LAST:
         c = offs % C
         w_ = (offs // C) % W
-        h = (offs // (C * W)) % H
-        n = offs // (C * W * H)
+        h = (offs // (c64 * W)) % H
+        n = offs // (c64 * W * H)
     else:
         w_ = offs % W
         h = (offs // W) % H
-        c = (offs // (W * H)) % C
-        n = offs // (W * H * C)
+        c = (offs // (tl.cast(W, tl.int64) * H)) % C
+        n = offs // (tl.cast(W, tl.int64) * H * C)
     off = n * sn + c * sc + h * sh + w_ * sw
     gz = tl.load(gz_ptr + off, mask=ok, other=0.0).to(tl.float32)
     k = tl.load(weight_ptr + c, mask=ok, other=0.0) * tl.load(invstd_ptr + c, mask=ok, other=0.0)
@@ -509,17 +546,27 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, in_mean: Optional[Tensor
     """
     if x.dtype not in _DTYPES:
         raise TypeError(f"the triton conv_bn supports float32, float16 and bfloat16, got {x.dtype}")
+    kh, kw = weight.shape[2:]
+    cfg = dict(_BWD)
+    prec = input_precision(x.dtype)
+    dot_fp32 = _INTERPRET and x.dtype == torch.bfloat16
+    geometry = dict(STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+                    DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw,
+                    INDEX64=index64(x, weight, grad_y))
+    with on_device(x):
+        return _backward(grad_y, x, weight, in_mean, in_invstd, in_weight, in_bias, groups, prologue, in_training,
+                         need_input_grad, need_weight_grad, need_in_affine_grad, cfg, prec, dot_fp32, geometry)
+
+
+def _backward(grad_y, x, weight, in_mean, in_invstd, in_weight, in_bias, groups, prologue, in_training,
+              need_input_grad, need_weight_grad, need_in_affine_grad, cfg, prec, dot_fp32, geometry):
+    """backward's launches, on x's device."""
     n, c_in, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
     _, _, ho, wo = grad_y.shape
     c_out_g = c_out // groups
     st = torch.float32
     dev = x.device
-    cfg = dict(_BWD)
-    prec = input_precision(x.dtype)
-    dot_fp32 = _INTERPRET and x.dtype == torch.bfloat16
-    geometry = dict(STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
-                    DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw)
     if prologue:
         pro_mean, pro_scale, pro_shift = in_mean, (in_weight * in_invstd).contiguous(), in_bias
     else:
@@ -587,6 +634,22 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, in_mean: Optional[Tensor
 # at multiples of 8 columns, so each mask byte is written by exactly one program.
 
 @triton.jit
+def _tail_tile(R, I, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, INDEX64: tl.constexpr):
+    """(pid_r, pid_i, rr, ri) of this program on a 1-D grid of row tiles x column tiles, column tiles fastest
+    (_tail_grid): one grid axis holds 2^31 - 1 programs, where a 2-D grid's y axis (65535) overflowed for NCHW
+    planes of more than 65535 * BLOCK_I pixels. INDEX64 (a tensor of 2^31 elements or more): rows in int64."""
+    pid = tl.program_id(0)
+    tiles_i = tl.cdiv(I, BLOCK_I)
+    pid_r = pid // tiles_i
+    pid_i = pid % tiles_i
+    if INDEX64:
+        pid_r = pid_r.to(tl.int64)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    ri = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    return pid_r, pid_i, rr, ri
+
+
+@triton.jit
 def _tail_channel(rr, ri, C, CHANNELS_LAST: tl.constexpr):
     if CHANNELS_LAST:
         c = ri[None, :] + 0 * rr[:, None]
@@ -598,9 +661,9 @@ def _tail_channel(rr, ri, C, CHANNELS_LAST: tl.constexpr):
 @triton.jit
 def _tail_fwd_kernel(y_ptr, r_ptr, out_ptr, mask_ptr, mean_ptr, scale_ptr, bias_ptr, rmean_ptr, rscale_ptr,
                      rbias_ptr, R, I, C, NB,
-                     RES_BN: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
-    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+                     RES_BN: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_I: tl.constexpr):
+    _, pid_i, rr, ri = _tail_tile(R, I, BLOCK_R, BLOCK_I, INDEX64)
     r_ok = rr < R
     ok = r_ok[:, None] & (ri < I)[None, :]
     c = _tail_channel(rr, ri, C, CHANNELS_LAST)
@@ -617,7 +680,7 @@ def _tail_fwd_kernel(y_ptr, r_ptr, out_ptr, mask_ptr, mean_ptr, scale_ptr, bias_
     tl.store(out_ptr + off, tl.where(pos, z, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
     bits = pos.to(tl.int32) << (tl.arange(0, BLOCK_I) % 8)[None, :]
     packed = tl.sum(tl.reshape(bits, [BLOCK_R, BLOCK_I // 8, 8]), axis=2)
-    rb = tl.program_id(1) * (BLOCK_I // 8) + tl.arange(0, BLOCK_I // 8)
+    rb = pid_i * (BLOCK_I // 8) + tl.arange(0, BLOCK_I // 8)
     tl.store(mask_ptr + rr.to(tl.int64)[:, None] * NB + rb[None, :], packed.to(tl.uint8),
              mask=r_ok[:, None] & (rb < NB)[None, :])
 
@@ -633,14 +696,11 @@ def _tail_gz(g_ptr, mask_ptr, rr, ri, ok, off, NB):
 @triton.jit
 def _tail_bwd_reduce_kernel(g_ptr, mask_ptr, y_ptr, r_ptr, mean_ptr, invstd_ptr, rmean_ptr, rinvstd_ptr,
                             p_g_ptr, p_gy_ptr, p_gr_ptr, R, I, C, NB,
-                            RES_BN: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr,
-                            BLOCK_I: tl.constexpr):
+                            RES_BN: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
     """Per-program partial sums of gz, gz * xhat(y) (and gz * xhat(residual)): channels_last programs reduce over
     rows into a (row tiles, C) buffer; NCHW programs reduce over columns into a (column tiles, R) buffer."""
-    pid_r = tl.program_id(0)
-    pid_i = tl.program_id(1)
-    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    ri = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    pid_r, pid_i, rr, ri = _tail_tile(R, I, BLOCK_R, BLOCK_I, INDEX64)
     ok = (rr < R)[:, None] & (ri < I)[None, :]
     c = _tail_channel(rr, ri, C, CHANNELS_LAST)
     off = rr.to(tl.int64)[:, None] * I + ri[None, :]
@@ -672,9 +732,8 @@ def _tail_bwd_elementwise_kernel(g_ptr, mask_ptr, y_ptr, r_ptr, gy_out_ptr, gr_o
                                  sum_g_ptr, sum_gy_ptr, sum_gr_ptr, R, I, C, NB, inv_n,
                                  WRITE_Y: tl.constexpr, WRITE_R: tl.constexpr, TRAINING: tl.constexpr,
                                  RES_TRAINING: tl.constexpr, RES_BN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                                 BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
-    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+                                 INDEX64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    _, _, rr, ri = _tail_tile(R, I, BLOCK_R, BLOCK_I, INDEX64)
     ok = (rr < R)[:, None] & (ri < I)[None, :]
     c = _tail_channel(rr, ri, C, CHANNELS_LAST)
     off = rr.to(tl.int64)[:, None] * I + ri[None, :]
@@ -711,6 +770,12 @@ else:
     _TAIL = {"BLOCK_R": 32, "BLOCK_I": 64, "num_warps": 4}
 
 
+def _tail_grid(rows: int, inner: int, cfg) -> tuple[tuple[int], int, int]:
+    """((programs,), row tiles, column tiles) of the tail kernels' 1-D grid (_tail_tile)."""
+    tiles_r, tiles_i = triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(inner, cfg["BLOCK_I"])
+    return (tiles_r * tiles_i,), tiles_r, tiles_i
+
+
 def _tail_geometry(y: Tensor):
     """(R, I, channels_last) of y's memory-order row view; mask bytes per row are ceil(I / 8)."""
     n, c, h, w = y.shape
@@ -733,10 +798,12 @@ def tail_forward(y: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: 
     scale = (weight * invstd).contiguous()
     rscale = (res_weight * res_invstd).contiguous() if residual_bn else scale
     cfg = _TAIL
-    grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(inner, cfg["BLOCK_I"]))
-    _tail_fwd_kernel[grid](y, residual, out, mask, mean, scale, bias,
-                           res_mean if residual_bn else mean, rscale, res_bias if residual_bn else bias,
-                           rows, inner, y.shape[1], nb, RES_BN=bool(residual_bn), CHANNELS_LAST=channels_last, **cfg)
+    grid, _, _ = _tail_grid(rows, inner, cfg)
+    with on_device(y):
+        _tail_fwd_kernel[grid](y, residual, out, mask, mean, scale, bias,
+                               res_mean if residual_bn else mean, rscale, res_bias if residual_bn else bias,
+                               rows, inner, y.shape[1], nb, RES_BN=bool(residual_bn), CHANNELS_LAST=channels_last,
+                               INDEX64=index64(y, residual), **cfg)
     return out, mask
 
 
@@ -753,19 +820,21 @@ def tail_backward(grad_out: Tensor, mask: Tensor, y: Tensor, mean: Tensor, invst
     rows, inner, channels_last = _tail_geometry(y)
     nb = (inner + 7) // 8
     cfg = _TAIL
-    grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(inner, cfg["BLOCK_I"]))
+    grid, tiles_r, tiles_i = _tail_grid(rows, inner, cfg)
+    wide = index64(y, residual, grad_out)
     res_bn = bool(residual_bn)
     need_sums = need_affine_grad or (need_y_grad and training) or (
         res_bn and (need_res_affine_grad or (need_residual_grad and res_training)))
     sum_g = sum_gy = sum_gr = mean  # placeholders, never read when not computed
     if need_sums and y.numel():
-        parts = (grid[0], inner) if channels_last else (grid[1], rows)
+        parts = (tiles_r, inner) if channels_last else (tiles_i, rows)
         p_g = torch.empty(parts, dtype=st, device=dev)
         p_gy, p_gr = torch.empty_like(p_g), torch.empty_like(p_g) if res_bn else p_g
-        _tail_bwd_reduce_kernel[grid](grad_out, mask, y, residual if res_bn else y, mean, invstd,
-                                      res_mean if res_bn else mean, res_invstd if res_bn else invstd,
-                                      p_g, p_gy, p_gr, rows, inner, c, nb, RES_BN=res_bn,
-                                      CHANNELS_LAST=channels_last, **cfg)
+        with on_device(y):
+            _tail_bwd_reduce_kernel[grid](grad_out, mask, y, residual if res_bn else y, mean, invstd,
+                                          res_mean if res_bn else mean, res_invstd if res_bn else invstd,
+                                          p_g, p_gy, p_gr, rows, inner, c, nb, RES_BN=res_bn,
+                                          CHANNELS_LAST=channels_last, INDEX64=wide, **cfg)
         fold = (lambda p: p.sum(dim=0)) if channels_last else (lambda p: p.view(-1, y.shape[0], c).sum(dim=(0, 1)))
         sum_g, sum_gy = fold(p_g), fold(p_gy)
         sum_gr = fold(p_gr) if res_bn else sum_g
@@ -778,10 +847,12 @@ def tail_backward(grad_out: Tensor, mask: Tensor, y: Tensor, mean: Tensor, invst
     grad_r = torch.empty_like(residual) if write_r else empty(y.dtype)
     if (write_y or write_r) and y.numel():
         n_per_channel = y.numel() // c
-        _tail_bwd_elementwise_kernel[grid](
-            grad_out, mask, y, residual if res_bn else y, grad_y if write_y else y, grad_r if write_r else y,
-            mean, invstd, weight, res_mean if res_bn else mean, res_invstd if res_bn else invstd,
-            res_weight if res_bn else weight, sum_g, sum_gy, sum_gr, rows, inner, c, nb, 1.0 / n_per_channel,
-            WRITE_Y=write_y, WRITE_R=write_r, TRAINING=bool(training), RES_TRAINING=bool(res_training) and res_bn,
-            RES_BN=res_bn, CHANNELS_LAST=channels_last, **cfg)
+        with on_device(y):
+            _tail_bwd_elementwise_kernel[grid](
+                grad_out, mask, y, residual if res_bn else y, grad_y if write_y else y, grad_r if write_r else y,
+                mean, invstd, weight, res_mean if res_bn else mean, res_invstd if res_bn else invstd,
+                res_weight if res_bn else weight, sum_g, sum_gy, sum_gr, rows, inner, c, nb, 1.0 / n_per_channel,
+                WRITE_Y=write_y, WRITE_R=write_r, TRAINING=bool(training),
+                RES_TRAINING=bool(res_training) and res_bn, RES_BN=res_bn, CHANNELS_LAST=channels_last,
+                INDEX64=wide, **cfg)
     return grad_y, grad_w, grad_b, grad_r, grad_rw, grad_rb

@@ -20,7 +20,8 @@ Without a fused cuDNN engine for a configuration (conv_bn_plan says which path a
 an unfused path (ATen activation + cuDNN conv + var_mean) and warn once.
 
 Rounding, against the contract's fp32 intermediates (each within stock-like error): the fused statistics are
-uncentred sums; the backward's ReLU mask is recomputed centred ((x - mean) * invstd * w + b, invstd through
+uncentred sums, recentred from y inside the C++ op for channels whose |mean| > 4 std (csrc/conv_bn_stats.cu; its
+CPU kernel is what tests/test_gpu_defects.py checks the math on); the backward's ReLU mask is recomputed centred ((x - mean) * invstd * w + b, invstd through
 1/invstd^2) where the forward applied x * scale + shift, so the two can disagree where the pre-activation is
 within a few ulps of 0; dgrad's output is rounded to x's dtype before the dBN, and so are its sums (Triton
 takes them from the fp32 accumulator); a projection shortcut's bn_d(residual) is rounded to the activation
