@@ -16,7 +16,8 @@ from bench import bench_resnet as models  # noqa: E402
 
 def _fake_steps(monkeypatch, logits_off: str = ""):
     ref = torch.ones(2, 10)
-    monkeypatch.setattr(models, "reference_logits", lambda cfg, device: ref)
+    refs = {"fp64": ref.double(), "autocast": ref, "cast": ref}
+    monkeypatch.setattr(models, "reference_logits", lambda cfg, device: refs)
 
     def make(impl, cfg, device):
         out = ref * (2.0 if impl.name == logits_off else 1.0)
@@ -49,5 +50,5 @@ def test_wrong_logits_are_an_error_not_a_row(monkeypatch):
     doc = _harness.new_result(torch.device("cpu"), None)
     bench_cpu.run_cpu_rows(doc, batch=2, image_size=16, rounds=1, show_progress=False, modes=("infer",))
     assert [e["impl"] for e in doc["errors"]] == ["resfused-fused"]
-    assert "logits differ" in doc["errors"][0]["error"]
+    assert "against the float64 stock model" in doc["errors"][0]["error"]
     assert "resfused-fused" not in {r["impl"] for r in doc["rows"]}

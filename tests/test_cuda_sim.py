@@ -157,7 +157,8 @@ def _assert_mask_exact(mask, y, x, z, w, b, layout, relu=True):
 def test_listed_when_built_never_auto():
     assert "cuda_sim" in resfused.available_backends()
     x = torch.randn(2, 3, 4, 4)
-    assert _backend.resolve("auto", x) == "reference"
+    assert _backend.resolve("auto", x) == "native"  # auto's CPU fast path (aten BN), never the sim
+    assert _backend.resolve("auto", x, native=False) == "reference"
     assert _backend.resolve("cuda_sim", x) == "cuda_sim"
     resfused.set_backend("cuda_sim")
     try:
