@@ -35,6 +35,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import glob
 import hashlib
 import json
 import math
@@ -569,6 +570,37 @@ def _torch_includes() -> list[str]:
     return [f"-I{p}" for p in include_paths()]
 
 
+def _csrc_includes(path: str) -> list[str]:
+    """The include path setup.py builds csrc with: torch's headers, csrc/ and the file's own folder, and the
+    nvidia-* wheels' include folders (ATen's CUDA headers need cusparse.h, csrc/conv_bn.cpp cudnn.h)."""
+    import importlib.util
+
+    dirs = [os.path.join(ROOT, "csrc"), os.path.dirname(path)]
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        dirs += sorted(d for d in glob.glob(os.path.join(base, "*", "include"))
+                       if os.path.exists(os.path.join(d, "cusparse.h")) or os.path.exists(os.path.join(d, "cudnn.h")))
+    return _torch_includes() + [f"-I{d}" for d in dict.fromkeys(dirs)]
+
+
+def _csrc_sources():
+    """(name, path, text) of every .cu under csrc/ (subfolders too; not the CPU runtime in csrc/sim/), the text
+    with the headers of its folder appended: a per-dtype translation unit's kernels, and the constants their
+    __launch_bounds__ use, live in those headers."""
+    root = os.path.join(ROOT, "csrc")
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.cu"), recursive=True)):
+        name = os.path.relpath(path, root)
+        if name.split(os.sep)[0] == "sim":
+            continue
+        folder = os.path.dirname(path)
+        headers = sorted(glob.glob(os.path.join(folder, "*.cuh")) + glob.glob(os.path.join(folder, "*.h")))
+        texts = []
+        for p in [path] + headers:
+            with open(p) as f:
+                texts.append(f.read())
+        yield name, path, "\n".join(texts)
+
+
 _CU_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "__nv_bfloat16": "bf16", "__half": "fp16",
               "float": "fp32", "c10::BFloat16": "bf16", "c10::Half": "fp16"}
 
@@ -593,20 +625,14 @@ def csrc_rows() -> list[dict]:
     filt = os.path.join(CUDA_HOME, "bin", "cu++filt")
     if not os.path.exists(filt):
         filt = shutil.which("cu++filt") or shutil.which("c++filt") or "c++filt"
-    for name in sorted(os.listdir(os.path.join(ROOT, "csrc"))):
-        if not name.endswith(".cu"):
-            continue
-        path = os.path.join(ROOT, "csrc", name)
-        with open(path) as f:
-            source = f.read()
+    for name, path, source in _csrc_sources():
         if "__global__" not in source:
             continue
         base = dict(backend="cuda", family=name, site="all", shape="any (not shape-specialised)", in_use=True)
         with tempfile.TemporaryDirectory() as d:
             ptx_path = os.path.join(d, "k.ptx")
-            proc = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-O3", "--ptx", *_torch_includes(),
-                                   f"-I{os.path.join(ROOT, 'csrc')}", path, "-o", ptx_path],
-                                  capture_output=True, text=True)
+            proc = subprocess.run([nvcc, "-arch=sm_90", "-std=c++20", "-O3", "--expt-relaxed-constexpr", "--ptx",
+                                   *_csrc_includes(path), path, "-o", ptx_path], capture_output=True, text=True)
             if proc.returncode != 0:
                 rows.append(dict(base, kernel=name, dtype="", layout="", config="",
                                  error=f"nvcc failed: {proc.stderr[-3000:]}"))
