@@ -236,10 +236,35 @@ def _fused_resnet(name="resnet50", size=32):
     return stock, resfused.fuse_for_inference(stock), torch.randn(2, 3, size, size)
 
 
+def _one_pixel_residual_copies(fused, x):
+    """The residual copies resfused/_cpu/conv_bias_act.py makes on a torch whose out-of-place fused binary conv
+    rejects packed weights with a residual of ambiguous layout (torch 2.11): one per identity-residual conv with a
+    1x1 output (C > 1 throughout these models)."""
+    if _mkldnn._binary_both_layouts_ok():
+        return 0
+    hits = []
+
+    def hook(m, args, kwargs, out):
+        residual = kwargs.get("residual", args[1] if len(args) > 1 else None)
+        if (residual is not None and not m.has_shortcut and not kwargs.get("residual_inplace", False)
+                and out.shape[-1] * out.shape[-2] == 1):
+            hits.append(m)
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in fused.modules()
+               if isinstance(m, resfused.fuse.FusedConv2d)]
+    with torch.no_grad():
+        fused(x)
+    for h in handles:
+        h.remove()
+    assert hits  # the 32x32 models below reach layer4 at one pixel
+    return len(hits)
+
+
 @needs_mkldnn
 @pytest.mark.parametrize("name", ["resnet50", "resnet18"])
 def test_fuse_for_inference_mkldnn_matches_stock_eval(name):
     stock, fused, x = _fused_resnet(name)
+    one_pixel = _one_pixel_residual_copies(fused, x)  # also runs conv_bias_act's one-time probe before the log
     with torch.no_grad():
         ref64 = copy.deepcopy(stock).double()(x.double())
         y32 = stock(x)
@@ -258,12 +283,40 @@ def test_fuse_for_inference_mkldnn_matches_stock_eval(name):
     for fragment in ("batch_norm", "resfused", "_reorder_convolution_weight"):  # weights reordered once, earlier
         assert log.count(fragment) == 0, (fragment, log.ops)
     copies = [o for o in log.ops if o in ("aten::clone", "aten::_to_copy", "aten::copy_", "aten::contiguous")]
-    assert len(copies) == 1, log.ops
+    assert len(copies) == 1 + one_pixel, log.ops
     x_cl = x.contiguous(memory_format=torch.channels_last)
     with OpLog() as log_cl, torch.no_grad():
         y_cl = fused(x_cl)
-    assert not [o for o in log_cl.ops if o in ("aten::clone", "aten::_to_copy", "aten::copy_")], log_cl.ops
+    assert len([o for o in log_cl.ops if o in ("aten::clone", "aten::_to_copy", "aten::copy_")]) == one_pixel, \
+        log_cl.ops
     assert torch.equal(y_cl, y)
+
+
+@needs_mkldnn
+@pytest.mark.parametrize("residual_inplace", [False, True], ids=["fresh-output", "into-residual"])
+@pytest.mark.parametrize("hw,k,stride,c_out", [(1, 1, 1, 24), (1, 3, 1, 24), (2, 3, 2, 24), (3, 1, 1, 24),
+                                               (2, 3, 1, 1), (1, 1, 1, 1)])
+def test_mkldnn_packed_weights_with_residual_of_ambiguous_layout(hw, k, stride, c_out, residual_inplace):
+    """ResNet's layer4 at 32x32 inputs: a one-pixel output (or C == 1) with packed weights and a residual, whose
+    layout is NCHW and channels_last at once: torch 2.11's out-of-place fused binary conv rejects it ("could not
+    create a memory"); (3, 1, 1, 24) is the unambiguous control."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, hw, hw).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(c_out, 16, k, k) * 0.2, torch.randn(c_out)
+    pad = k // 2
+    ho = (hw + 2 * pad - k) // stride + 1
+    res = torch.randn(2, c_out, ho, ho).contiguous(memory_format=torch.channels_last)
+    res_before = res.clone()
+    packed = _mkldnn.pack_weight(w, [pad, pad], [stride, stride], [1, 1], 1)
+    y = _mkldnn.conv_bias_act(x, packed, b, res, None, None, [stride, stride], [pad, pad], [1, 1], 1, [1, 1], True,
+                              residual_inplace=residual_inplace)
+    ref64 = torch.relu(F.conv2d(x.double(), w.double(), b.double(), stride, pad) + res_before.double())
+    stock = torch.relu(F.conv2d(x, w, b, stride, pad) + res_before)
+    assert_close(f"{hw}x{hw} k{k} s{stride}", y, ref64, torch.float32, stock)
+    if residual_inplace:
+        assert y.data_ptr() == res.data_ptr()
+    else:
+        assert torch.equal(res, res_before)  # the caller's residual is never written
 
 
 @needs_mkldnn

@@ -19,6 +19,7 @@ before the single rounding of the output.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -45,6 +46,32 @@ def pack_weight(weight: Tensor, padding: Sequence[int], stride: Sequence[int], d
     (an opaque mkldnn tensor, valid for any input size) for the convs below."""
     return torch.ops.mkldnn._reorder_convolution_weight(weight.detach(), list(padding), list(stride), list(dilation),
                                                         int(groups), None)
+
+
+def _packed(weight: Tensor) -> bool:
+    return weight.layout == torch._mkldnn  # type: ignore[attr-defined]
+
+
+def _both_layouts(t: Tensor) -> bool:
+    """Contiguous as NCHW and as channels_last at once (C == 1 or H == W == 1: ResNet's layer4 at 32x32)."""
+    return t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+@torch.compiler.assume_constant_result
+@functools.cache
+def _binary_both_layouts_ok() -> bool:
+    """Whether this torch's out-of-place ``_convolution_pointwise.binary`` takes a ``pack_weight`` weight with a
+    residual whose layout is ambiguous (``_both_layouts``). torch 2.11 raises "could not create a memory" there
+    (the in-place variant works, for every shape); 2.14 does not. Probed once on a tiny conv (1x1 pixel,
+    8 channels: the case that fails; C == H == W == 1 does not)."""
+    x, res = torch.ones(1, 1, 1, 1), torch.zeros(1, 8, 1, 1)
+    w = pack_weight(torch.ones(8, 1, 1, 1), [0, 0], [1, 1], [1, 1], 1)
+    try:
+        torch.ops.mkldnn._convolution_pointwise.binary(x, res, w, None, [0, 0], [1, 1], [1, 1], 1, "add", 1.0,
+                                                       None, [], None)
+    except RuntimeError:
+        return False
+    return True
 
 
 def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
@@ -76,7 +103,9 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: O
     if residual is None:
         y = mk._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups, "relu" if relu else "none",
                                       [], None)
-    elif residual_inplace:
+    elif residual_inplace or (_packed(weight) and _both_layouts(residual) and not _binary_both_layouts_ok()):
+        if not residual_inplace:  # the out-of-place op fails here: accumulate into a copy (N*C elements at 1x1)
+            residual = residual.clone(memory_format=fmt)
         y = mk._convolution_pointwise_.binary(residual.contiguous(memory_format=fmt), x, weight, bias, padding, stride,
                                               dilation, groups, "add", 1.0, unary, [], None)
     else:
