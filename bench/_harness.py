@@ -245,8 +245,8 @@ def _git(*args: str) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-# Written by bench/git_sha_stamp.sh (installed as a post-commit/post-checkout hook by `make hooks`) and by
-# `bash bench/gpu_check.sh --dry-run`: "<sha>[ dirty]". Git-ignored; a device run carries it (carry: .git-sha).
+# Written by `bash bench/gpu_check.sh --stamp` (the post-commit/post-checkout/post-merge hooks of `make hooks` run
+# it) and by `--dry-run`: "<sha>[ dirty]". Git-ignored; a device run carries it (carry: .git-sha).
 GIT_SHA_STAMP = ROOT / ".git-sha"
 
 

@@ -1,7 +1,7 @@
 """bench/gpu_check.sh: the one prepared check for a lent GPU machine (one H100, 15 device-minutes in all, machine
 start included, at most 600 s a command, no network, results back only as at most 8 files under $OUT).
 
-    [OUT=dir] [GIT_SHA=sha] [PYTHON=python3] bash bench/gpu_check.sh [--simulate | --dry-run | --plan]
+    [OUT=dir] [GIT_SHA=sha] [PYTHON=python3] bash bench/gpu_check.sh [--simulate | --dry-run | --plan | --stamp]
 
 The plan, ordered by value, every step time-boxed; the caps sum to BUDGET_S (420 s), so after the first call
 (about 2-3 minutes of machine start, then at most 420 s) one rerun of a failed part still fits the loan:
@@ -37,6 +37,8 @@ bench-headline-conv-speedup.png, bench-rest.json, logs.tar.gz.
 --dry-run   runs no step: imports torch, triton and resfused, checks each step's tools and files, writes the
             git-SHA stamp (.git-sha) for a device run to carry, prints the plan; exit 1 when a step could not run.
 --plan      prints the plan and exits.
+--stamp     writes the git-SHA stamp .git-sha and exits: what the git hooks of `make hooks` run after every
+            commit, checkout and merge, so the stamp is current whenever the tree is copied to a device.
 
 The git SHA: $GIT_SHA, else `git rev-parse HEAD`, else the stamp file .git-sha (a device copy has no .git: carry
 it, or pass GIT_SHA). Exit status: 0 when every step passed (simulate: when none failed), 1 otherwise, 2 for
@@ -494,10 +496,10 @@ def dry_run(python: str, budget: int) -> int:
 
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    modes = {"--simulate": "simulate", "--dry-run": "dry-run", "--plan": "plan"}
+    modes = {"--simulate": "simulate", "--dry-run": "dry-run", "--plan": "plan", "--stamp": "stamp"}
     unknown = [a for a in args if a not in modes and a not in ("-h", "--help")]
     if unknown or len(args) > 1:
-        print(f"gpu_check: unknown or extra arguments {args} (use --simulate, --dry-run, --plan or --help)",
+        print(f"gpu_check: unknown or extra arguments {args} (use --simulate, --dry-run, --plan, --stamp or --help)",
               file=sys.stderr)
         return 2
     if args and args[0] in ("-h", "--help"):
@@ -509,6 +511,10 @@ def main(argv=None) -> int:
     if mode == "plan":
         print_plan(budget)
         return 0
+    if mode == "stamp":
+        stamp = write_git_stamp()
+        print(f"git-SHA stamp .git-sha: {stamp or 'not written (no git here)'}")
+        return 0 if stamp else 1
     if mode == "dry-run":
         return dry_run(python, budget)
     out = Path(os.environ.get("OUT") or ROOT / "bench" / "results" / "gpu-check").resolve()

@@ -95,6 +95,36 @@ def test_git_sha_from_env_then_stamp(tmp_path, monkeypatch):
     assert _harness.git_state() == ("deadbeef", True)
 
 
+def test_make_hooks_keep_the_stamp_current_at_every_commit(tmp_path):
+    """`make hooks` in a scratch repository holding the Makefile and the orchestrator: after each commit .git-sha
+    names the new HEAD (and says "dirty" once a tracked file differs), as a device copy then reports it."""
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    (repo / "Makefile").write_text((ROOT / "Makefile").read_text())
+    (repo / "bench" / "gpu_check.py").write_text((ROOT / "bench" / "gpu_check.py").read_text())
+    env = {**ENV, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def sh(*cmd):
+        return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, check=True, timeout=60).stdout
+
+    sh("git", "init", "-q")
+    sh("make", "-s", "hooks")
+    for name in ("post-commit", "post-checkout", "post-merge"):
+        assert os.access(repo / ".git" / "hooks" / name, os.X_OK), name
+    sh("git", "add", "Makefile", "bench/gpu_check.py")
+    sh("git", "commit", "-q", "-m", "one")
+    first = sh("git", "rev-parse", "HEAD").strip()
+    assert (repo / ".git-sha").read_text().split() == [first]
+    (repo / "bench" / "gpu_check.py").write_text((ROOT / "bench" / "gpu_check.py").read_text() + "\n# edit\n")
+    sh("git", "commit", "-q", "--allow-empty", "-m", "two")  # the edit stays uncommitted
+    second = sh("git", "rev-parse", "HEAD").strip()
+    assert second != first and (repo / ".git-sha").read_text().split() == [second, "dirty"]
+    sh("git", "checkout", "-q", "bench/gpu_check.py")  # a path checkout runs no post-checkout hook
+    sh("git", "checkout", "-q", first)
+    assert (repo / ".git-sha").read_text().split() == [first]
+
+
 # ---------------------------------------------------------------------------------------------------
 # the rehearsal and the kill
 # ---------------------------------------------------------------------------------------------------
