@@ -4,14 +4,14 @@
 """
 
 from . import _backend
-from ._backend import available_backends, get_backend, set_backend
+from ._backend import BackendInfo, available_backends, backends, get_backend, set_backend
 from . import functional, nn, ops
 from .convert import convert, revert
 from .fuse import fuse_for_inference
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "convert", "functional", "fuse_for_inference", "get_backend", "nn", "ops", "revert",
+__all__ = ["BackendInfo", "available_backends", "backends", "convert", "functional", "fuse_for_inference", "get_backend", "nn", "ops", "revert",
            "set_backend"]
 
 _backend.warn_if_ext_missing()

@@ -23,9 +23,8 @@ def main() -> None:
         print("device: no CUDA device")
     print(f"TRITON_INTERPRET={'1' if _backend.triton_interpreted() else 'unset'}; "
           f"default backend: {resfused.get_backend()}")
-    for name in ("cuda", "triton", "reference", "cuda_sim"):
-        why = _backend.unavailable_reason(name)
-        print(f"  {name:9s} {'available' if why is None else 'unavailable: ' + why}")
+    for b in resfused.backends():
+        print(f"  {b.name:9s} {'available' if b.available else 'unavailable: ' + b.reason}")
     if _backend._cuda_ext_error() is None:
         from resfused.ops import conv_bias_act, conv_bn
         for op, why in (("conv_bias_act", conv_bias_act.cuda_op_reason()), ("conv_bn", conv_bn.cuda_op_reason())):

@@ -27,7 +27,7 @@ import importlib
 import logging
 import os
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -176,9 +176,27 @@ def cuda_op_missing(qualified_name: str, source: str) -> Optional[str]:
     return f"resfused._C was built without {source}; rebuild the extension"
 
 
+class BackendInfo(NamedTuple):
+    name: str
+    available: bool
+    reason: Optional[str]  # why not, when not available; None when available
+
+
+def backends(device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> list[BackendInfo]:
+    """Every backend a caller can name (not "auto"), fastest first (cuda_sim, a test tool, last): whether it can
+    run on (``device``, ``dtype``), and why not. With device None: whether it is usable on this machine at all.
+    The public form of what ``python -m resfused`` prints."""
+    dev = torch.device(device) if isinstance(device, str) else device
+    out = []
+    for name in ("cuda", "triton", "reference", "cuda_sim"):
+        why = unavailable_reason(name, dev, dtype)
+        out.append(BackendInfo(name, why is None, why))
+    return out
+
+
 def available_backends() -> list[str]:
     """Backends usable on this machine (for some device), fastest first (cuda_sim, a test tool, last)."""
-    return [b for b in ("cuda", "triton", "reference", "cuda_sim") if unavailable_reason(b) is None]
+    return [b.name for b in backends() if b.available]
 
 
 _logged: set = set()

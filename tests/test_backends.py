@@ -61,6 +61,20 @@ def test_available_backends_lists_reference_and_triton_when_usable():
         assert "triton" in names, _backend.unavailable_reason("triton")
 
 
+def test_backends_say_what_runs_where_and_why_not():
+    infos = resfused.backends()
+    assert [b.name for b in infos] == ["cuda", "triton", "reference", "cuda_sim"]  # every name but "auto"
+    assert {b.name for b in infos} == set(_backend.BACKENDS) - {"auto"}
+    assert [b.name for b in infos if b.available] == resfused.available_backends()
+    for b in infos:
+        assert b.available == (b.reason is None) and b.reason == _backend.unavailable_reason(b.name), b
+    cpu = {b.name: b for b in resfused.backends("cpu", torch.float32)}
+    assert cpu["reference"].available
+    assert not cpu["cuda"].available and "cuda" in cpu["cuda"].reason.lower()  # never CPU tensors
+    sim = {b.name: b for b in resfused.backends(torch.device("cpu"), torch.float64)}["cuda_sim"]
+    assert not sim.available and ("float64" in sim.reason or "not built" in sim.reason), sim
+
+
 def test_python_m_resfused_reports_backends():
     out = subprocess.run([sys.executable, "-m", "resfused"], capture_output=True, text=True, check=True).stdout
     assert f"torch {torch.__version__}" in out
