@@ -192,13 +192,13 @@ def impl_unavailable_reason(impl: str, device: torch.device, dtype: Optional[tor
             return "CPU run: torch.compile is timed on a GPU only (Inductor's CPU compile takes minutes here)"
         return None
     if impl.startswith("resfused-"):
-        from resfused import _backend
+        import resfused
         backend = impl.split("-", 1)[1]
         if backend not in ("cuda", "triton", "reference"):
             return f"unknown resfused backend {backend!r}"
         if backend == "triton" and device.type == "cpu" and not _harness.SIMULATE:
             return "CPU run: the Triton backend runs on CPU only in the interpreter, a correctness tool; not timed"
-        return _backend.unavailable_reason(backend, device, dtype)
+        return {b.name: b.reason for b in resfused.backends(device, dtype)}[backend]
     return f"unknown implementation {impl!r}"
 
 

@@ -107,12 +107,10 @@ print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_devic
 INFO = r"""
 import os, runpy, sys
 runpy.run_module("resfused", run_name="__main__")  # python -m resfused: versions, backends, why one is missing
-import resfused, torch
-from resfused import _backend
+import resfused
 print("available backends:", resfused.available_backends())
 need = ["triton"] if os.environ.get("GPU_CHECK_NO_C") else ["cuda", "triton"]
-problems = [f"{b}: {_backend.unavailable_reason(b, torch.device('cuda'))}" for b in need
-            if b not in resfused.available_backends()]
+problems = [f"{b.name}: {b.reason}" for b in resfused.backends() if b.name in need and not b.available]
 if "cuda" in need and not problems:  # _C's conv ops too, not only the BN kernels
     from resfused.ops import conv_bias_act, conv_bn
     problems += [f"cuda {op}: {why}" for op, why in (("conv_bias_act", conv_bias_act.cuda_op_reason()),
