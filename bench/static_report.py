@@ -799,6 +799,13 @@ def _nvcc_version() -> str:
         return "no nvcc"
 
 
+def check_failures(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """What ``--check`` fails on: rows whose kernel did not compile, and rows of a config in use that spill."""
+    errors = [r for r in rows if r.get("error")]
+    spills = [r for r in rows if r.get("in_use") and not r.get("error") and r.get("spills", 0) > 0]
+    return errors, spills
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="CI subset; exit 1 on a compile error or in-use spill")
@@ -883,8 +890,7 @@ def main(argv=None) -> int:
         with open(os.path.splitext(out)[0] + ".md", "w") as f:
             f.write(markdown(doc))
         print(f"wrote {out} and its .md")
-    errors = [r for r in rows if r.get("error")]
-    spills = [r for r in rows if r.get("in_use") and not r.get("error") and r.get("spills", 0) > 0]
+    errors, spills = check_failures(rows)
     for r in errors:
         print(f"COMPILE ERROR {r['backend']} {r['kernel']} {r['dtype']} {r['layout']} {r['config']} {r['shape']}:\n"
               f"  {r['error'][:1500]}", file=sys.stderr)
