@@ -103,6 +103,18 @@ def test_statistics_tile_is_not_a_tuned_parameter():
         assert cfg.num_warps % 4 == 0
 
 
+def test_nchw_and_channels_last_tune_over_their_own_tiles():
+    """NCHW input (the scalar gather path) tunes over the 8-warp tiles that do not spill there (cba._NCHW_TILES),
+    channels_last over the others; every config is one of the two lists."""
+    configs = cba._gpu_configs()
+    tiles = [cba._tile(c) for c in configs]
+    assert sorted(tiles) == sorted(cba._GPU_TILES + cba._NCHW_TILES) and len(set(tiles)) == len(tiles)
+    nchw = [cba._tile(c) for c in cba._prune_configs(configs, {"sxc": 49})]
+    cl = [cba._tile(c) for c in cba._prune_configs(configs, {"sxc": 1})]
+    assert nchw == list(cba._NCHW_TILES) and all(t[2] == 8 and t[0] * t[1] <= 64 * 64 for t in nchw)
+    assert cl == list(cba._GPU_TILES)
+
+
 _WRAPPING_SCRIPT = r"""
 import json
 import triton

@@ -189,20 +189,29 @@ _GEMM_BLOCK_K = 32
 # No config here may spill registers on sm_90 (`make static-check` fails if one does): 128x256 and 256x128 (8 warps)
 # were dropped, at 200-255 registers they spilled in fp32, at the stem and at the stride-2 3x3s in bf16.
 _GPU_TILES = ((128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (64, 32, 4, 4))
+# NCHW input (channel stride != 1) takes the scalar gather path (32-bit loads, 255 registers a thread on sm_90 at
+# 4 warps), where tiles beyond 64x64 spill, and at 4 warps 64x64 and 64x32 too in fp32 (4-260 B in the conv +
+# BN forward, bench/results/static/sm90.json at 2761497); at 8 warps neither does (155-232 registers, measured
+# at ResNet-50's layer4.0.conv2 with `static_report.py --dtype fp32 --layout nchw`). NCHW tunes over these only.
+_NCHW_TILES = ((64, 64, 8, 3), (64, 32, 8, 4))
+
+
+def _config(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": _GEMM_BLOCK_K}, num_warps=warps, num_stages=stages)
 
 
 def _gpu_configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": _GEMM_BLOCK_K}, num_warps=warps,
-                          num_stages=stages) for bm, bn, warps, stages in _GPU_TILES]
+    return [_config(*t) for t in _GPU_TILES + _NCHW_TILES]
+
+
+def _tile(c) -> tuple:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
 def _prune_configs(configs, nargs, **kwargs):
-    """Autotune candidates for one launch: NCHW input (channel stride != 1) takes the scalar gather path
-    (16-bit loads, about 255 registers on sm_90), where tiles beyond 64x64 spill; keep it to those."""
-    if nargs["sxc"] == 1:
-        return configs
-    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return small or configs
+    """Autotune candidates for one launch: _GPU_TILES for channels_last input, _NCHW_TILES for NCHW."""
+    tiles = _GPU_TILES if nargs["sxc"] == 1 else _NCHW_TILES
+    return [c for c in configs if _tile(c) in tiles] or configs
 
 
 # M_BUCKET (M rounded up to a power of two; the kernel ignores it) instead of M: one tuning per conv geometry

@@ -533,6 +533,10 @@ if _INTERPRET:
     _BWD = {"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 256}
 else:
     _BWD = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+# NCHW x (the scalar gather paths): 8 warps, as the forward's _NCHW_TILES; at 4 warps the fp32 dgrad spills 8 B on
+# sm_90, at 8 none (198-209 registers). BLOCK_M, the dgrad statistics tile, is the same: the partials' grouping
+# depends on the shape and layout only.
+_BWD_NCHW_WARPS = 8
 _ELEMENTWISE_BLOCK = 1024
 
 
@@ -548,6 +552,8 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, in_mean: Optional[Tensor
         raise TypeError(f"the triton conv_bn supports float32, float16 and bfloat16, got {x.dtype}")
     kh, kw = weight.shape[2:]
     cfg = dict(_BWD)
+    if "num_warps" in cfg and x.stride(1) != 1:
+        cfg["num_warps"] = _BWD_NCHW_WARPS
     prec = input_precision(x.dtype)
     dot_fp32 = _INTERPRET and x.dtype == torch.bfloat16
     geometry = dict(STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
