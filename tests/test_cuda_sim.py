@@ -73,13 +73,14 @@ def scheme(request, monkeypatch):
     return request.param
 
 
-def _inputs(shape, dtype, layout, seed=0, offset=False):
+def _inputs(shape, dtype, layout, seed=0, offset=False, mean=0.0):
+    """``offset``: x, z and dy in views one element into their storage; ``mean``: added to x (and z)."""
     g = torch.Generator().manual_seed(seed)
     fmt = LAYOUTS[layout]
     c = shape[1]
 
     def act():
-        t = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=fmt)
+        t = (torch.randn(shape, generator=g) + mean).to(dtype).contiguous(memory_format=fmt)
         if not offset:
             return t
         # the same values in a view that starts one element into its storage (off 16-byte alignment)
@@ -103,10 +104,12 @@ def _clone(t, dtype=None, grad=False):
     return (t if dtype is None else t.to(dtype)).requires_grad_(grad)
 
 
-def _train_case(shape, dtype, layout, residual=True, relu=True, affine=True, momentum=0.1, offset=False, seed=0):
+def _train_case(shape, dtype, layout, residual=True, relu=True, affine=True, momentum=0.1, offset=False, seed=0,
+                mean=0.0):
     """Forward (training) + backward through the public op on cuda_sim vs the float64 composite; returns
     the sim's results (for bitwise comparisons)."""
-    x, z, w, b, rm, rv, dy = _inputs(shape, dtype, layout, seed, offset)
+    x, z, w, b, rm, rv, dy = _inputs(shape, dtype, layout, seed, offset, mean)
+    dy = dy - mean
     z = z if residual else None
     w, b = (w, b) if affine else (None, None)
 
@@ -200,6 +203,17 @@ def test_train_matches_oracle(scheme, dtype, layout, shape):
     assert sim.plan(x, "forward_train").startswith(scheme)
     assert sim.plan(x, "backward").startswith(scheme)
     _train_case(shape, dtype, layout)
+
+
+@pytest.mark.parametrize("shape", {"one_split": (4, 8, 4, 4), **SPLIT_SHAPES}.values(),
+                         ids=["one_split", *SPLIT_SHAPES])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("scheme", SCHEMES, indirect=True)
+def test_large_mean(scheme, layout, shape):
+    """fp32 inputs around 1e4 with unit spread (test_bn_add_relu's test_large_mean, which the sim found failing:
+    a Welford mean kept near 1e4 in fp32 is rounded at every update and ended 1.3 ulp of 1e4 off, where stock is
+    within half of one), in one split and across several."""
+    _train_case(shape, torch.float32, layout, mean=1e4)
 
 
 @pytest.mark.parametrize("shape", SPLIT_SHAPES.values(), ids=SPLIT_SHAPES.keys())
@@ -326,7 +340,8 @@ def test_thread_orders_bit_identical(scheme, layout):
 
 KERNELS = ["cl_stats_kernel", "nchw_stats_kernel", "cl_apply_kernel", "nchw_apply_kernel", "cl_bwd_reduce_kernel",
            "nchw_bwd_reduce_kernel", "cl_dx_kernel", "nchw_dx_kernel", "cl_fwd_persistent_kernel",
-           "nchw_fwd_persistent_kernel", "cl_bwd_persistent_kernel", "nchw_bwd_persistent_kernel"]
+           "nchw_fwd_persistent_kernel", "cl_bwd_persistent_kernel", "nchw_bwd_persistent_kernel",
+           "finalize_stats_kernel"]
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -345,7 +360,7 @@ def test_every_kernel_runs_clean(monkeypatch, order):
     after = sim.kernel_counts()
     ran = {k for k in after if after[k] > before.get(k, 0)}
     expected = {f"{k}<{e}>" for k in KERNELS for e in ("F32", "F16", "BF16")}
-    expected |= {"finalize_stats_kernel", "finalize_sums_kernel"}
+    expected |= {"finalize_sums_kernel"}
     assert expected <= ran, f"kernels that did not run: {sorted(expected - ran)}"
 
 

@@ -45,7 +45,8 @@ __device__ __forceinline__ ClThread cl_thread(const KParams& p, int tile, int sp
   return t;
 }
 
-// Statistics of the thread's rows (optionally caching x); state not yet block-reduced.
+// Statistics of x - shift (stats_shift) over the thread's rows (optionally caching x); state not yet
+// block-reduced.
 template <typename E>
 __device__ __forceinline__ void cl_stats_phase(const KParams& p, const ClThread& t, Group<typename E::Bits>* cache,
                                                Welford<kGroup>& s) {
@@ -53,6 +54,9 @@ __device__ __forceinline__ void cl_stats_phase(const KParams& p, const ClThread&
   constexpr int U = E::kBatch;
   s.init();
   if (!t.active) return;
+  float shift[kGroup];
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) shift[j] = j < t.nv ? stats_shift<E>(p, kGroup * t.k + j) : 0.f;
   const Bits* x = static_cast<const Bits*>(p.x);
   for (int i0 = 0; i0 < t.iters; i0 += U) {
     Group<Bits> v[U];
@@ -66,14 +70,14 @@ __device__ __forceinline__ void cl_stats_phase(const KParams& p, const ClThread&
         if (i < p.cache_iters) cache[t.slot(i)] = v[u];
         float f[kGroup];
 #pragma unroll
-        for (int j = 0; j < kGroup; ++j) f[j] = E::to_float(v[u].v[j]);
+        for (int j = 0; j < kGroup; ++j) f[j] = E::to_float(v[u].v[j]) - shift[j];
         push_row(s, f);
       }
     }
   }
 }
 
-// ty == 0 threads write the block's partials (tile channels of split r).
+// ty == 0 threads write the block's partials (tile channels of split r; means of x - shift).
 __device__ __forceinline__ void cl_write_welford_partial(const KParams& p, const ClThread& t, int tile, int split,
                                                          const Welford<kGroup>& s) {
   if (t.ty != 0 || !t.active) return;

@@ -31,6 +31,7 @@ KParams base_params(const Geo& g, const Plan& plan) {
   p.batch = g.batch;
   p.M = g.M;
   p.inner = g.inner;
+  p.chan_stride = g.cl ? 1 : g.inner;
   p.gpr = g.gpr;
   p.C = g.C;
   p.num_tiles = plan.num_tiles;
@@ -78,10 +79,10 @@ void launch_reduce(L& l, const Geo& g, const Plan& plan, KParams p, bool backwar
              dims(static_cast<int64_t>(plan.splits) * g.C), dims(kThreads), smem, p);
 }
 
-template <class L>
+template <typename E, class L>
 void launch_finalize(L& l, const Geo& g, const KParams& p, bool backward) {
   if (g.C == 0) return;
-  l.launch(backward ? &finalize_sums_kernel : &finalize_stats_kernel, dims(ceil_div(g.C, kFinalizeTX)),
+  l.launch(backward ? &finalize_sums_kernel : &finalize_stats_kernel<E>, dims(ceil_div(g.C, kFinalizeTX)),
            dims(kFinalizeTX, kFinalizeTY), 0, p);
 }
 
@@ -132,7 +133,7 @@ bool forward_train_impl(L& l, const Shape& s, const Plan& plan, const ForwardTra
 
   if (plan.scheme == Scheme::kPersistent) return launch_persistent<E>(l, g, plan, p, false);
   launch_reduce<E>(l, g, plan, p, false);
-  launch_finalize(l, g, p, false);
+  launch_finalize<E>(l, g, p, false);
   p.mean_in = a.mean;
   p.scale_in = a.invstd;
   p.is_var = false;
@@ -188,7 +189,7 @@ bool backward_impl(L& l, const Shape& s, const Plan& plan, const BackwardArgs& a
   }
   p.write_dx = a.need_input_grad && !a.training;
   if (p.do_sums || p.write_dres || p.write_dx) launch_reduce<E>(l, g, plan, p, true);
-  if (p.do_sums) launch_finalize(l, g, p, true);
+  if (p.do_sums) launch_finalize<E>(l, g, p, true);
   if (train_dx && g.outer > 0 && g.gpr > 0) {
     p.write_dx = false;
     p.dres_is_g = a.need_residual_grad;

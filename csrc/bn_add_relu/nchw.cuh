@@ -62,12 +62,15 @@ __device__ __forceinline__ NcLoc nc_flat_loc(const KParams& p, int64_t q, int& c
   return l;
 }
 
+// Statistics of x - shift (stats_shift) over the thread's groups of channel n.c (optionally caching x); state not
+// yet block-reduced.
 template <typename E>
 __device__ __forceinline__ void nc_stats_phase(const KParams& p, const NcThread& n, Group<typename E::Bits>* cache,
                                                Welford<1>& s) {
   using Bits = typename E::Bits;
   constexpr int U = E::kBatch;
   s.init();
+  const float shift = stats_shift<E>(p, n.c);
   const Bits* x = static_cast<const Bits*>(p.x);
   for (int i0 = 0; i0 < n.iters; i0 += U) {
     Group<Bits> v[U];
@@ -87,7 +90,7 @@ __device__ __forceinline__ void nc_stats_phase(const KParams& p, const NcThread&
         if (i < p.cache_iters) cache[n.slot(i)] = v[u];
         float f[kGroup];
 #pragma unroll
-        for (int j = 0; j < kGroup; ++j) f[j] = E::to_float(v[u].v[j]);
+        for (int j = 0; j < kGroup; ++j) f[j] = j < nv[u] ? E::to_float(v[u].v[j]) - shift : 0.f;
         push_group(s, f, nv[u]);
       }
     }

@@ -41,6 +41,7 @@ struct KParams {
   int64_t M;          // elements per channel
   int64_t per_block;  // rows (cl) or groups (nchw) of one block's slice
   int inner;          // C (cl) or H*W (nchw)
+  int64_t chan_stride;  // elements from one channel's first element to the next's: 1 (cl) or H*W (nchw)
   int gpr;            // groups per row: ceil(inner / 8)
   int C;
   FastDiv gpr_div, c_div;  // nchw: divide by gpr and by C
@@ -55,10 +56,10 @@ struct KParams {
 
 // ---- per-channel helpers shared by the finalize kernels and the persistent merges
 
-// Write mean/invstd and update the running stats of channel c from its merged (mean, m2).
-__device__ __forceinline__ void finish_stats(const KParams& p, int c, float mean, float m2, float& mean_o,
-                                             float& invstd_o, bool write) {
-  const float m = p.M > 0 ? mean : quiet_nan();
+// Write mean/invstd and update the running stats of channel c from its merged (mean of x - shift, m2).
+__device__ __forceinline__ void finish_stats(const KParams& p, int c, float mean, float shift, float m2,
+                                             float& mean_o, float& invstd_o, bool write) {
+  const float m = p.M > 0 ? mean + shift : quiet_nan();
   const float var = m2 / p.count;  // 0/0 = NaN for an empty batch, like the reference
   const float invstd = rsqrtf(var + p.eps);
   mean_o = m;
@@ -68,6 +69,19 @@ __device__ __forceinline__ void finish_stats(const KParams& p, int c, float mean
   p.invstd_out[c] = invstd;
   if (p.running_mean != nullptr) p.running_mean[c] = p.running_mean[c] * p.keep + p.momentum * m;
   if (p.running_var != nullptr) p.running_var[c] = p.running_var[c] * p.keep + p.momentum * (var * p.unbias);
+}
+
+// The statistics' shift of channel c: its first element (sample 0, pixel 0; 0 for an empty batch). The Welford
+// states accumulate x - shift, so their means stay within the spread of the data, where fp32 rounding is small;
+// a mean kept near |mean| >> std is rounded at every update (inputs around 1e4 with unit spread ended 1.3 ulp of
+// 1e4 off, stock within half of one; and partial means near 1e4 made the Chan merges' (mean_b - mean_a)^2 terms
+// noise: tests/test_cuda_sim.py test_large_mean). Partials and merges stay shifted; finish_stats adds the shift
+// back once. One load per channel and block (every block of a channel reads the same element).
+template <typename E>
+__device__ __forceinline__ float stats_shift(const KParams& p, int c) {
+  if (p.M == 0) return 0.f;
+  const typename E::Bits* x = static_cast<const typename E::Bits*>(p.x);
+  return E::to_float(x[static_cast<int64_t>(c) * p.chan_stride]);
 }
 
 __device__ __forceinline__ void apply_params(const KParams& p, int c, float& mean, float& scale, float& shift) {

@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) cl_fwd_persistent_kerne
     for (int j = 0; j < kGroup; ++j) {
       const int c = kGroup * t.k + j;
       float m = 0.f, inv = 0.f;
-      if (j < t.nv) finish_stats(p, c, s.mean[j], s.m2[j], m, inv, split == 0);
+      if (j < t.nv) finish_stats(p, c, s.mean[j], stats_shift<E>(p, c), s.m2[j], m, inv, split == 0);
       const bool ok = j < t.nv;
       t.set_prm(prm, 0, j, m);
       t.set_prm(prm, 1, j, ok ? (p.weight != nullptr ? p.weight[c] : 1.f) * inv : 0.f);
@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) nchw_fwd_persistent_ker
   block_tree_reduce(s, buf, 0, n.t, 1, n.T);
   if (n.t == 0) {
     float m, inv;
-    finish_stats(p, c, s.mean[0], s.m2[0], m, inv, split == 0);
+    finish_stats(p, c, s.mean[0], stats_shift<E>(p, c), s.m2[0], m, inv, split == 0);
     buf[0] = m;
     buf[1] = inv;
   }

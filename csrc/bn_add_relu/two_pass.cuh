@@ -42,6 +42,7 @@ __global__ void __launch_bounds__(kThreads) nchw_stats_kernel(KParams p) {
 
 // grid ceil(C / 32), block (32, 16): merge the splits of each channel, write mean/invstd, update
 // the running stats.
+template <typename E>
 __global__ void __launch_bounds__(kFinalizeTX* kFinalizeTY) finalize_stats_kernel(KParams p) {
   RESFUSED_SHARED(float, buf, Welford<1>::kFloats * kFinalizeTX * (kFinalizeTY / 2));
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -60,7 +61,7 @@ __global__ void __launch_bounds__(kFinalizeTX* kFinalizeTY) finalize_stats_kerne
   block_tree_reduce(s, buf, tx, ty, kFinalizeTX, kFinalizeTY);
   if (ty == 0 && c < p.C) {
     float m, inv;
-    finish_stats(p, c, s.mean[0], s.m2[0], m, inv, true);
+    finish_stats(p, c, s.mean[0], stats_shift<E>(p, c), s.m2[0], m, inv, true);
   }
 }
 

@@ -71,6 +71,7 @@ void name_kernels(std::map<Kernel, std::string>& m, const char* e) {
   m[&nchw_fwd_persistent_kernel<E>] = "nchw_fwd_persistent_kernel" + t;
   m[&cl_bwd_persistent_kernel<E>] = "cl_bwd_persistent_kernel" + t;
   m[&nchw_bwd_persistent_kernel<E>] = "nchw_bwd_persistent_kernel" + t;
+  m[&finalize_stats_kernel<E>] = "finalize_stats_kernel" + t;
 }
 
 const std::string& kernel_name(Kernel k) {
@@ -79,7 +80,6 @@ const std::string& kernel_name(Kernel k) {
     name_kernels<F32>(names, "F32");
     name_kernels<F16>(names, "F16");
     name_kernels<BF16>(names, "BF16");
-    names[&finalize_stats_kernel] = "finalize_stats_kernel";
     names[&finalize_sums_kernel] = "finalize_sums_kernel";
   }
   static const std::string unknown = "unknown_kernel";
