@@ -1,7 +1,9 @@
 """batch_norm_add_relu against stock PyTorch, on every backend usable here.
 
-On CPU: reference and triton (interpreter); on a GPU: reference, triton and cuda, on CUDA tensors.
-Each case checks the output, the gradients of input, residual, weight and bias, and the running stats.
+On CPU: reference, triton (interpreter) and cuda_sim (the csrc kernels on the CPU SIMT runtime, built here by
+the system C++ compiler); on a GPU: reference, triton and cuda, on CUDA tensors. Each case checks the output, the
+gradients of input, residual, weight and bias, and the running stats. The csrc backends (cuda, cuda_sim) take
+fp32/fp16/bf16 and no sample_scale: where a case needs either, they must raise the documented error instead.
 """
 
 from __future__ import annotations
@@ -14,9 +16,21 @@ from resfused.functional import batch_norm_add_relu
 from resfused.ops import bn_add_relu as op
 
 from _oracle import assert_close, composite
-from conftest import DEVICE, usable_backends
+from conftest import DEVICE, HAS_CUDA, usable_backends
 
-BACKENDS = usable_backends()
+
+def _backends():
+    backends = usable_backends()
+    if not HAS_CUDA:
+        from resfused import _cuda_sim
+
+        _cuda_sim.build()  # cached by source; seconds the first time
+        backends.append("cuda_sim")
+    return backends
+
+
+BACKENDS = _backends()
+CSRC_BACKENDS = ("cuda", "cuda_sim")  # fp32/fp16/bf16 only, no sample_scale
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
@@ -146,15 +160,18 @@ SAMPLE_SCALE_CASES = {
 def test_sample_scale_matches_torch(backend, dtype, layout, case):
     """relu(s[n] * bn(x) + z) against the composite: output, every gradient, running stats (batch statistics
     are x's, whatever s)."""
-    if backend == "cuda":
-        pytest.skip("the cuda backend does not implement sample_scale")
     shape, ss, kw = SAMPLE_SCALE_CASES[case]
+    if backend in CSRC_BACKENDS:
+        match = "float64" if dtype == torch.float64 else "does not implement sample_scale"
+        with pytest.raises(RuntimeError, match=match):
+            run_case(backend, dtype, layout, shape, sample_scale=ss, **kw)
+        return
     run_case(backend, dtype, layout, shape, sample_scale=ss, **kw)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in CSRC_BACKENDS])
 def test_sample_scale_gradcheck_float64(backend, layout, training):
     g = torch.Generator().manual_seed(2)
     fmt = LAYOUTS[layout]
@@ -277,6 +294,10 @@ def test_gradcheck_float64(backend, layout, relu, training):
         # running stats are cloned so repeated evaluations see the same state
         return batch_norm_add_relu(x, z, rm.clone(), rv.clone(), w, b, training=training, relu=relu, backend=backend)
 
+    if backend in CSRC_BACKENDS:  # no float64 kernels: the documented error, not a gradcheck
+        with pytest.raises(RuntimeError, match="supports float32, float16 and bfloat16, got torch.float64"):
+            fn(*leaves)
+        return
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
@@ -290,8 +311,8 @@ def _op_samples(backend):
                                                                             rv.clone(), 0.1, 1e-5, True, None, backend)
         yield "backward", (dy, x, mask, mean, invstd, weight, True, True, True, True, True, None, backend)
         yield "backward_eval", (dy, x, mask, mean, invstd, None, True, False, True, False, True, None, backend)
-        if backend == "cuda":
-            continue  # no sample_scale on the cuda backend
+        if backend in CSRC_BACKENDS:
+            continue  # no sample_scale on the csrc backends
         ss = torch.tensor([0.0, 1.25], device=DEVICE)
         yield "train", (x, z, weight, bias, rm, rv, 0.1, 1e-5, True, ss, backend)
         yield "eval", (x, z, weight, bias, rm, rv, 1e-5, True, True, ss, backend)
