@@ -42,11 +42,12 @@
 //                             (and accumulates grad_weight/grad_bias when asked for)
 // The floor is the persistent count: x (and dy) must be read once and y (dx, g) written once.
 //
-// Statistics: per-thread Welford (channels_last: per element, one reciprocal per row shared by the
-// thread's 8 channels; nchw: per 8-element group, merged with Chan's formula), then a fixed-shape
+// Statistics: per-thread Welford of x - shift, shift = the channel's first element, so fp32 means stay
+// within the data's spread even at |mean| >> std (channels_last: per element, one reciprocal per row shared
+// by the thread's 8 channels; nchw: per 8-element group, merged with Chan's formula), then a fixed-shape
 // tree over the block's threads in shared memory, then per-block partials [splits][C] in global
-// memory merged (Chan) in a fixed order. No atomics anywhere, so results are bit-reproducible for a
-// given scheme, shape and device.
+// memory merged (Chan) in a fixed order, the shift added back to the mean once (finish_stats). No atomics
+// anywhere, so results are bit-reproducible for a given scheme, shape and device.
 //
 // Scheme choice (RESFUSED_CUDA_SCHEME = auto | two_pass | persistent, read on every call):
 // persistent is used only when the occupancy query confirms that the whole grid is co-resident
