@@ -11,7 +11,7 @@ from .fuse import fuse_for_inference
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendInfo", "available_backends", "backends", "convert", "functional", "fuse_for_inference", "get_backend", "nn", "ops", "revert",
-           "set_backend"]
+__all__ = ["BackendInfo", "available_backends", "backends", "convert", "functional", "fuse_for_inference",
+           "get_backend", "nn", "ops", "revert", "set_backend"]
 
 _backend.warn_if_ext_missing()

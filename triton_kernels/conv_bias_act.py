@@ -189,7 +189,7 @@ _GEMM_BLOCK_K = 32
 # No config here may spill registers on sm_90 (`make static-check` fails if one does): 128x256 and 256x128 (8 warps)
 # were dropped, at 200-255 registers they spilled in fp32, at the stem and at the stride-2 3x3s in bf16.
 _GPU_TILES = ((128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (64, 32, 4, 4))
-# NCHW input (channel stride != 1) takes the scalar gather path (32-bit loads, 255 registers a thread on sm_90 at
+# NCHW input (channel stride != 1) takes the scalar gather path (one element a load, 255 registers a thread on sm_90 at
 # 4 warps), where tiles beyond 64x64 spill, and at 4 warps 64x64 and 64x32 too in fp32 (4-260 B in the conv +
 # BN forward, bench/results/static/sm90.json at 2761497); at 8 warps neither does (155-232 registers, measured
 # at ResNet-50's layer4.0.conv2 with `static_report.py --dtype fp32 --layout nchw`). NCHW tunes over these only.
