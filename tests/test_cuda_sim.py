@@ -74,7 +74,7 @@ def scheme(request, monkeypatch):
 
 
 def _inputs(shape, dtype, layout, seed=0, offset=False, mean=0.0):
-    """``offset``: x, z and dy in views one element into their storage; ``mean``: added to x (and z)."""
+    """``offset``: x, z and dy in views one element into their storage; ``mean``: added to x, z and dy."""
     g = torch.Generator().manual_seed(seed)
     fmt = LAYOUTS[layout]
     c = shape[1]
@@ -109,7 +109,7 @@ def _train_case(shape, dtype, layout, residual=True, relu=True, affine=True, mom
     """Forward (training) + backward through the public op on cuda_sim vs the float64 composite; returns
     the sim's results (for bitwise comparisons)."""
     x, z, w, b, rm, rv, dy = _inputs(shape, dtype, layout, seed, offset, mean)
-    dy = dy - mean
+    dy = dy - mean  # a gradient of unit spread around 0
     z = z if residual else None
     w, b = (w, b) if affine else (None, None)
 
