@@ -205,6 +205,14 @@ def test_train_matches_oracle(scheme, dtype, layout, shape):
     _train_case(shape, dtype, layout)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("scheme", SCHEMES, indirect=True)
+def test_many_channels(scheme, layout):
+    """C = 264: more than one channels_last channel tile (256 channels a tile) and more than one finalize block
+    (32 channels a block), with a tail in each, as ResNet's 512-2048-channel layers have."""
+    _train_case((2, 264, 2, 3), torch.bfloat16, layout)
+
+
 @pytest.mark.parametrize("shape", {"one_split": (4, 8, 4, 4), **SPLIT_SHAPES}.values(),
                          ids=["one_split", *SPLIT_SHAPES])
 @pytest.mark.parametrize("layout", LAYOUTS)
