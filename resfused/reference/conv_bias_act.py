@@ -17,7 +17,11 @@ resfused.ops.conv_bias_act validates and normalises arguments before calling it:
     kernels: a dual GEMM).
   * ``residual``: None or a tensor of y's shape and x's dtype.
   * The result has x's dtype and x's memory format (channels_last in, channels_last out).
-  * Accumulation is fp32 for fp16/bf16/fp32 inputs (fp64 for fp64) and the result is rounded once.
+  * Accumulation is fp32 for fp16/bf16/fp32 inputs (fp64 for fp64) and the result is rounded once. This is
+    the contract of this oracle, the Triton and the mkldnn backends. The cuda backend (cuDNN's fused op,
+    csrc/conv_bias_act.cu) rounds more often: the bias to x's dtype first, the projection shortcut's output
+    (a separate cuDNN conv) to x's dtype, and on its unfused fallback the main conv's output too; its error
+    is held to stock PyTorch's own composition (tests/test_gpu_defects.py), not to one rounding.
 
 Here both convolutions run in the accumulation dtype (fp16/bf16 inputs are upcast), which makes this
 the test oracle; it is also the CPU fallback.
