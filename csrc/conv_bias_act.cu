@@ -217,29 +217,24 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
     y = conv_then_epilogue(x, weight, bias, z, stride, padding, dilation, groups, false);
   } else {
     const std::string key = fused_key(x, weight, z, bias.has_value(), stride, padding, dilation, groups);
-    bool fused = !no_fused_engine->find(key);
-    if (fused) {
-      // ATen's fused op takes the bias in x's dtype.
-      std::optional<at::Tensor> bias_cast;
-      if (bias.has_value()) bias_cast = bias->to(x.scalar_type());
-      try {
-        if (z.defined()) {
-          y = at::cudnn_convolution_add_relu(x, weight, z, at::Scalar(1.0), bias_cast, stride, padding, dilation,
-                                             groups);
-        } else {
-          y = at::cudnn_convolution_relu(x, weight, bias_cast, stride, padding, dilation, groups);
-        }
-      } catch (const c10::OutOfMemoryError&) {
-        fused = false;  // transient: not cached
-      } catch (const c10::Error& e) {
-        TORCH_WARN_ONCE("resfused conv_bias_act: cuDNN has no fused conv-bias-add-ReLU engine for this "
-                        "configuration (", e.what_without_backtrace(), "); using a cuDNN conv and an fp32 "
-                        "epilogue (remembered per configuration)");
-        no_fused_engine->insert(key, std::make_shared<const bool>(true));
-        fused = false;
-      }
-    }
-    if (!fused) y = conv_then_epilogue(x, weight, bias, z, stride, padding, dilation, groups, true);
+    y = fused_or_fallback<c10::OutOfMemoryError, c10::Error>(
+        *no_fused_engine, key,
+        [&] {
+          // ATen's fused op takes the bias in x's dtype.
+          std::optional<at::Tensor> bias_cast;
+          if (bias.has_value()) bias_cast = bias->to(x.scalar_type());
+          if (z.defined()) {
+            return at::cudnn_convolution_add_relu(x, weight, z, at::Scalar(1.0), bias_cast, stride, padding,
+                                                  dilation, groups);
+          }
+          return at::cudnn_convolution_relu(x, weight, bias_cast, stride, padding, dilation, groups);
+        },
+        [&] { return conv_then_epilogue(x, weight, bias, z, stride, padding, dilation, groups, true); },
+        [](const c10::Error& e) {
+          TORCH_WARN_ONCE("resfused conv_bias_act: cuDNN has no fused conv-bias-add-ReLU engine for this "
+                          "configuration (", e.what_without_backtrace(), "); using a cuDNN conv and an fp32 "
+                          "epilogue (remembered per configuration)");
+        });
   }
   // cuDNN picks channels_last when x or the weight is channels_last; the op's contract is x's format.
   return y.contiguous(out_format);

@@ -505,23 +505,25 @@ std::shared_ptr<const Plan> unsupported(std::string why) {
 template <typename Build>
 std::shared_ptr<const Plan> cached_plan(const std::string& key, cudnnHandle_t handle, const EngineFilter& f,
                                         Build&& build) {
-  if (auto hit = cache->find(key)) return hit;
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
-    return unsupported("no cuDNN plan was built for this configuration before CUDA graph capture began; run it "
-                       "once outside capture (warm-up)");
-  }
-  Plan plan;
-  try {
-    GraphBuilder b(handle);
-    build(b);
-    plan = make_plan(b, handle, f);
-  } catch (const Unsupported& e) {
-    plan.unsupported = e.why;
-    plan.settled = e.settled;
-  }
-  auto shared = std::make_shared<const Plan>(std::move(plan));
-  if (shared->settled) return cache->insert(key, shared);
-  return shared;
+  return cache->find_or_build(key, [&]() -> std::shared_ptr<const Plan> {
+    if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+      auto during_capture = std::make_shared<Plan>();  // not cached: the same key outside capture builds
+      during_capture->unsupported = "no cuDNN plan was built for this configuration before CUDA graph capture "
+                                    "began; run it once outside capture (warm-up)";
+      during_capture->settled = false;
+      return during_capture;
+    }
+    Plan plan;
+    try {
+      GraphBuilder b(handle);
+      build(b);
+      plan = make_plan(b, handle, f);
+    } catch (const Unsupported& e) {
+      plan.unsupported = e.why;
+      plan.settled = e.settled;
+    }
+    return std::make_shared<const Plan>(std::move(plan));
+  }, [](const Plan& plan) { return plan.settled; });
 }
 
 // Forward: x (N,C,H,W), w (K,C/g,R,S) in x's memory format, y (N,K,P,Q) allocated by the caller.
