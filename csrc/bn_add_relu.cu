@@ -232,8 +232,9 @@ Plan plan_backward(const Shape& s, Scheme requested, bool training, bool need_in
 }
 
 // A refused cooperative launch (cudaErrorCooperativeLaunchTooLarge: fewer blocks co-resident than the
-// occupancy query promised, e.g. SMs held by another context or an MPS limit) wrote nothing: the call runs
-// two-pass, and the shape's cached plan becomes the two-pass one, so later calls do not try again.
+// occupancy query promised, e.g. SMs held by another context or an MPS limit; or another refusal of
+// bn_add_relu/launch_refusal.h) wrote nothing: the call runs two-pass, and the shape's cached plan becomes the
+// two-pass one, so later calls do not try again.
 void launch_forward_train(const Shape& s, const Plan& plan, const ForwardTrainArgs& a, cudaStream_t stream) {
   if (dispatch_forward_train(s, plan, a, stream)) return;
   const Plan two =

@@ -433,6 +433,44 @@ def test_refused_cooperative_launch_falls_back_and_is_remembered(monkeypatch, la
         _train_case(shape, torch.float32, layout)  # later calls run two-pass at once
 
 
+_REFUSAL_PROBE = r"""
+#include <cstdio>
+#include "launch_refusal.h"
+int main() {
+  const cudaError_t refused[] = {cudaErrorCooperativeLaunchTooLarge, cudaErrorLaunchOutOfResources,
+                                 cudaErrorInvalidConfiguration, cudaErrorNotSupported, cudaErrorNotPermitted};
+  const cudaError_t thrown[] = {cudaSuccess, cudaErrorIllegalAddress, cudaErrorLaunchFailure,
+                                cudaErrorMemoryAllocation, cudaErrorInvalidValue, cudaErrorLaunchTimeout,
+                                cudaErrorInvalidDeviceFunction, cudaErrorUnknown};
+  for (cudaError_t e : refused) std::printf("%d 1 %d\n", (int)e, (int)resfused::cooperative_launch_refused(e));
+  for (cudaError_t e : thrown) std::printf("%d 0 %d\n", (int)e, (int)resfused::cooperative_launch_refused(e));
+}
+"""
+
+
+def test_gpu_glue_falls_back_on_launch_refusals_only(tmp_path):
+    """The GPU glue's classification of cudaLaunchCooperativeKernel's errors (csrc/bn_add_relu/launch_refusal.h):
+    a refusal before anything ran (too large, out of resources, an invalid configuration, not supported or not
+    permitted) falls back to two-pass as the simulated TooLarge above does; a sticky or unrelated error (an illegal
+    address left by an earlier kernel, out of memory) is thrown, never hidden by a fallback."""
+    import shutil
+    import subprocess
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "g++"
+    cuda_home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    if not os.path.exists(os.path.join(cuda_home, "include", "driver_types.h")):
+        pytest.skip(f"no CUDA toolkit headers under {cuda_home} (the GPU glue is not built without them either)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "probe.cpp").write_text(_REFUSAL_PROBE)
+    subprocess.run([cxx, "-std=c++17", f"-I{os.path.join(root, 'csrc', 'bn_add_relu')}",
+                    f"-I{os.path.join(cuda_home, 'include')}", str(tmp_path / "probe.cpp"), "-o",
+                    str(tmp_path / "probe")], check=True, timeout=120)
+    out = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True).stdout.split("\n")
+    rows = [line.split() for line in out if line]
+    assert len(rows) == 13
+    wrong = [r[0] for r in rows if r[1] != r[2]]
+    assert not wrong, f"cudaError codes classified wrongly: {wrong}"
+
+
 # ---------------------------------------------------------------------------------------------------
 # a real kernel with its barrier removed: caught by the detector in every order
 # ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 
 #include "gpu.h"
 #include "launch.cuh"
+#include "launch_refusal.h"
 
 namespace resfused {
 namespace {
@@ -28,8 +29,12 @@ struct GpuLauncher {
     void* args[] = {&copy};
     const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(k), dim3(grid.x, grid.y, grid.z),
                                                         dim3(block.x, block.y, block.z), args, smem, stream);
-    if (err == cudaErrorCooperativeLaunchTooLarge) {  // fewer co-resident blocks than planned: nothing ran
+    if (cooperative_launch_refused(err)) {  // nothing ran: the caller falls back to two-pass and remembers
       (void)cudaGetLastError();
+      if (err != cudaErrorCooperativeLaunchTooLarge) {
+        TORCH_WARN_ONCE("resfused_cuda: a cooperative BN launch was refused (", cudaGetErrorString(err),
+                        "); this shape runs two-pass from now on");
+      }
       return false;
     }
     C10_CUDA_CHECK(err);
