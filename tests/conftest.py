@@ -80,6 +80,16 @@ def _full_fp32_precision():
 
 
 @pytest.fixture
+def deterministic_cudnn():
+    """cuDNN's deterministic algorithms (and resfused's cuDNN plans filtered the same way): no convolution or
+    statistics reduction may add in a run-dependent order, or no two runs, captured or not, are bitwise equal."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+@pytest.fixture
 def device():
     return DEVICE
 

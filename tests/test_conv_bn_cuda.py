@@ -250,7 +250,7 @@ def test_fused_and_unfused_paths_agree():
 
 
 @pytest.mark.cuda
-def test_cuda_graph_capture_after_warm_up():
+def test_cuda_graph_capture_after_warm_up(deterministic_cudnn):
     """Warmed up outside capture, the fused forward and wgrad replay inside a CUDA graph with eager's results; a
     configuration first seen inside capture runs unfused there (no plan is built during capture)."""
     if op.unavailable_reason("cuda", torch.device(DEVICE), torch.bfloat16) is not None:
@@ -278,10 +278,11 @@ def test_cuda_graph_capture_after_warm_up():
         unplanned = ops.conv_bn_forward(x_new, w, scale, shift, *geo, True)
     graph.replay()
     torch.cuda.synchronize()
-    # Not bit-equal: genstats and wgrad engines may reduce with atomics (non-deterministic order).
-    torch.testing.assert_close(captured[0], eager[0], rtol=1e-2, atol=1e-2)
-    for a, b in zip(captured[1:], eager[1:]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert tcb._nrel(dw_captured, dw_eager) < 1e-2
+    # Deterministic engines only (the fixture): the planned configurations replay eager's bits.
+    for a, b in zip(captured, eager):
+        assert torch.equal(a, b)
+    assert torch.equal(dw_captured, dw_eager)
+    # The batch first seen inside capture ran unfused there; eager now plans it and may take the fused
+    # engine, a different summation order, so this one is compared within bf16's tolerance.
     direct = ops.conv_bn_forward(x_new, w, scale, shift, *geo, True)
     torch.testing.assert_close(unplanned[0], direct[0], rtol=2e-2, atol=2e-2)

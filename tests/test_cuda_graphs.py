@@ -10,16 +10,6 @@ import resfused
 torchvision = pytest.importorskip("torchvision")
 
 
-@pytest.fixture
-def deterministic_cudnn():
-    """cuDNN's deterministic algorithms: the stock convolutions of the model (their weight gradients) must
-    not add in a run-dependent order, or no two runs, captured or not, are bitwise equal."""
-    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    yield
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_training_step_graph_replay_matches_eager(backend, deterministic_cudnn):
