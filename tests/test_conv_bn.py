@@ -11,9 +11,11 @@ On CPU the triton backend runs its kernels (forward, backward, tail) in the inte
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -911,3 +913,41 @@ def test_block_bad_input_changes_no_state(label):
             block(bad)
         for k, v in block.state_dict().items():
             assert torch.equal(v, state[k]), f"{k} changed on bad input ({match})"
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan")], ids=str)
+def test_conv_bn_rejects_eps_as_f_batch_norm(eps):
+    """ops.conv_bn with statistics rejects what F.batch_norm with batch statistics rejects (eps <= 0), with its
+    error type, before the running stats move, and takes what it takes (nan)."""
+    x, weight, _pro, rm, rv, (s, p, g) = _conv_inputs("1x1", torch.float32, "nchw")
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = F.conv2d(x, weight)
+    try:
+        F.batch_norm(y, rm.clone(), rv.clone(), None, None, True, 0.1, eps)
+    except Exception as e:  # noqa: BLE001 - ours must raise what stock raises
+        with pytest.raises(type(e), match="eps"):
+            op.conv_bn(x, weight, stats=True, running_mean=rm, running_var=rv, eps=eps, backend="reference")
+        assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    else:  # stock takes it (nan): so do we
+        op.conv_bn(x, weight, stats=True, running_mean=rm, running_var=rv, eps=eps, backend="reference")
+    op.conv_bn(x, weight, stats=False, eps=eps, backend="reference")  # no statistics: eps is not used
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("which", ["bn2", "downsample.1"])
+def test_fused_block_checks_each_bns_eps_as_stock(which, training):
+    """A fused block checks every BN's eps as that nn.BatchNorm2d would in the same mode, names the BN, and
+    changes no state; stock's block raises the same error type for the same eps."""
+    stock = _block("bottleneck_s2_ds")
+    stock.get_submodule(which).eps = -1e-5 if not training else 0.0
+    stock.train(training)
+    block = resfused.convert(copy.deepcopy(stock), backend="reference", fuse_convs=True)
+    x = _input(4, 16, 8, 8)
+    with pytest.raises(Exception) as stock_error:  # noqa: PT011 - its type is what ours must match
+        stock(x)
+    assert "eps" in str(stock_error.value)
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    with pytest.raises(stock_error.type, match=rf"{re.escape(which)}: .*eps"):
+        block(x)
+    for k, v in block.state_dict().items():
+        assert torch.equal(v, state[k]), f"{k} changed on a rejected eps"

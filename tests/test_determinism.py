@@ -39,20 +39,23 @@ def _configs():
     return out
 
 
-def _conv_bn_inputs(dtype, device="cpu"):
+LAYOUTS = {"cl": torch.channels_last, "nchw": torch.contiguous_format}
+
+
+def _conv_bn_inputs(dtype, device="cpu", layout="cl"):
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 16, 11, 9, generator=gen) + 0.5).to(dtype).to(device)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=LAYOUTS[layout])
     w = (torch.randn(24, 16, 3, 3, generator=gen) / 12).to(dtype).to(device)
     pro = [torch.randn(16, generator=gen).to(device) * 0.1, torch.rand(16, generator=gen).to(device) + 0.5,
            torch.rand(16, generator=gen).to(device) + 0.5, torch.randn(16, generator=gen).to(device) * 0.1]
     return x, w, pro
 
 
-def _conv_bn_run(monkeypatch, cfg, dtype, device="cpu"):
+def _conv_bn_run(monkeypatch, cfg, dtype, device="cpu", layout="cl"):
     monkeypatch.setattr(cb, "_kernel", cb._conv_bn_fwd_kernel)
     monkeypatch.setattr(cb, "_FIXED", cfg)
-    x, w, pro = _conv_bn_inputs(dtype, device)
+    x, w, pro = _conv_bn_inputs(dtype, device, layout)
     rm = torch.zeros(24, device=device)
     rv = torch.ones(24, device=device)
     y, mean, invstd = cb.forward(x, w, *pro, rm, rv, [1, 1], [1, 1], [1, 1], 1, True, True, 0.1, 1e-5)
@@ -67,26 +70,29 @@ def _assert_bitwise(runs, names):
 
 
 @pytest.mark.skipif(not cb._INTERPRET, reason="the GPU test below runs the configs on the device")
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_conv_bn_forward_same_bits_for_every_tile_config(monkeypatch, dtype):
-    """conv + BN forward (prologue, statistics, running stats) under every autotuned tile config: the same y, mean,
-    invstd, running_mean and running_var, bit for bit. (Fails with the statistics tile = BLOCK_M.)"""
-    runs = [(cfg, _conv_bn_run(monkeypatch, cfg, dtype)) for cfg in _configs()]
+def test_conv_bn_forward_same_bits_for_every_tile_config(monkeypatch, dtype, layout):
+    """conv + BN forward (prologue, statistics, running stats) under every autotuned tile config, channels_last and
+    NCHW input (the gather path, with its own tiles on a GPU; every tile here): the same y, mean, invstd,
+    running_mean and running_var, bit for bit. (Fails with the statistics tile = BLOCK_M.)"""
+    runs = [(cfg, _conv_bn_run(monkeypatch, cfg, dtype, layout=layout)) for cfg in _configs()]
     _assert_bitwise(runs, ["y", "mean", "invstd", "running_mean", "running_var"])
 
 
 @pytest.mark.skipif(not cb._INTERPRET, reason="the GPU test below runs the configs on the device")
-def test_conv_bias_act_same_bits_for_every_tile_config(monkeypatch):
-    runs = [(cfg, _conv_bias_act_run(monkeypatch, cfg)) for cfg in _configs()]
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_conv_bias_act_same_bits_for_every_tile_config(monkeypatch, layout):
+    runs = [(cfg, _conv_bias_act_run(monkeypatch, cfg, layout=layout)) for cfg in _configs()]
     _assert_bitwise(runs, ["y"])
 
 
-def _conv_bias_act_run(monkeypatch, cfg, device="cpu"):
+def _conv_bias_act_run(monkeypatch, cfg, device="cpu", layout="cl"):
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 16, 9, 9, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 9, 9, generator=gen).to(device).contiguous(memory_format=LAYOUTS[layout])
     w = (torch.randn(24, 16, 3, 3, generator=gen) / 12).to(device)
     b = torch.randn(24, generator=gen).to(device)
-    r = torch.randn(2, 24, 9, 9, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(2, 24, 9, 9, generator=gen).to(device).contiguous(memory_format=LAYOUTS[layout])
     monkeypatch.setattr(cba, "_kernel", cba._conv_bias_act_kernel)
     monkeypatch.setattr(cba, "_FIXED", cfg)
     return [cba.conv_bias_act(x, w, b, r, None, None, [1, 1], [1, 1], [1, 1], 1, [1, 1], True)]

@@ -387,11 +387,13 @@ def test_conv_ops_check_arguments_on_cuda_tensors():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("relu", [True, False], ids=["fused_relu", "unfused_epilogue"])
 @pytest.mark.parametrize("layout", ["cl", "nchw"])
-def test_conv_bias_act_cuda_rounding_contract(layout):
+def test_conv_bias_act_cuda_rounding_contract(layout, relu):
     """The cuda backend's contract (csrc/conv_bias_act.cu): bias (fp32 given) rounded to bf16 for cuDNN's fused op,
-    bias and residual added in fp32 on the unfused path; elementwise, no worse than stock's composition (conv with
-    the bias cast to bf16, add, ReLU) against float64, plus 2 ulp of the result."""
+    bias and residual added in fp32 on the unfused path (relu=False always takes it: cuDNN's fused op has a ReLU);
+    elementwise, no worse than stock's composition (conv with the bias cast to bf16, add, ReLU) against float64,
+    plus 2 ulp of the result."""
     cba, _ = _cuda_ops()
     fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
     gen = torch.Generator(device="cuda").manual_seed(4)
@@ -399,8 +401,106 @@ def test_conv_bias_act_cuda_rounding_contract(layout):
     w = (torch.randn(64, 64, 3, 3, device="cuda", generator=gen) / 24).to(torch.bfloat16)
     b = torch.randn(64, device="cuda", generator=gen)
     r = torch.randn(4, 64, 14, 14, device="cuda", generator=gen).to(torch.bfloat16).contiguous(memory_format=fmt)
-    y = cba.conv_bias_act(x, w, b, r, None, None, [1, 1], [1, 1], [1, 1], 1, [1, 1], True)
-    want = torch.relu(F.conv2d(x.double(), w.double(), b.double(), padding=1) + r.double())
-    stock = torch.relu(F.conv2d(x, w, b.to(torch.bfloat16), padding=1) + r)
+    y = cba.conv_bias_act(x, w, b, r, None, None, [1, 1], [1, 1], [1, 1], 1, [1, 1], relu)
+    act = torch.relu if relu else (lambda t: t)
+    want = act(F.conv2d(x.double(), w.double(), b.double(), padding=1) + r.double())
+    stock = act(F.conv2d(x, w, b.to(torch.bfloat16), padding=1) + r)
     ulp = torch.finfo(torch.bfloat16).eps * want.abs()
     assert ((y.double() - want).abs() <= 2 * (stock.double() - want).abs() + 2 * ulp + 1e-30).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["cl", "nchw"])
+def test_conv_bias_act_cuda_shortcut_rounding(layout):
+    """With a projection shortcut the cuda backend rounds the shortcut conv's output to x's dtype and adds the
+    residual in it before the epilogue (stated in csrc/conv_bias_act.cu and resfused/reference/conv_bias_act.py):
+    elementwise no worse than stock's composition, which rounds at the same points, plus 2 ulp."""
+    cba, _ = _cuda_ops()
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    bf = torch.bfloat16
+    x = torch.randn(4, 64, 14, 14, device="cuda", generator=gen).to(bf).contiguous(memory_format=fmt)
+    w = (torch.randn(64, 64, 3, 3, device="cuda", generator=gen) / 24).to(bf)
+    b = torch.randn(64, device="cuda", generator=gen)
+    sx = torch.randn(4, 32, 28, 28, device="cuda", generator=gen).to(bf).contiguous(memory_format=fmt)
+    sw = (torch.randn(64, 32, 1, 1, device="cuda", generator=gen) / 6).to(bf)
+    r = torch.randn(4, 64, 14, 14, device="cuda", generator=gen).to(bf).contiguous(memory_format=fmt)
+    y = cba.conv_bias_act(x, w, b, r, sx, sw, [1, 1], [1, 1], [1, 1], 1, [2, 2], True)
+    d = torch.float64
+    want = torch.relu(F.conv2d(x.to(d), w.to(d), b.to(d), padding=1) + F.conv2d(sx.to(d), sw.to(d), stride=2)
+                      + r.to(d))
+    stock = torch.relu(F.conv2d(x, w, b.to(bf), padding=1) + (F.conv2d(sx, sw, stride=2) + r))
+    ulp = torch.finfo(bf).eps * want.abs()
+    assert ((y.double() - want).abs() <= 2 * (stock.double() - want).abs() + 2 * ulp + 1e-30).all()
+
+
+def _launch_guard_report(source: str) -> list[str]:
+    """The kernel launches (``name[grid](...)``) of a module that may run outside ``with on_device(t)``: a launch
+    is guarded when it sits in such a ``with`` block, or in a module function every call of which is guarded."""
+    import ast
+
+    tree = ast.parse(source)
+    funcs = {n.name: n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+    def guard_with(node) -> bool:
+        return isinstance(node, ast.With) and any(
+            isinstance(i.context_expr, ast.Call) and getattr(i.context_expr.func, "id", "") in ("on_device",
+                                                                                                 "_on_device")
+            for i in node.items)
+
+    # every node's (enclosing function, inside a guard within that function)
+    where: dict[int, tuple[str, bool]] = {}
+
+    def visit(node, func: str, guarded: bool):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, child.name, False)
+                continue
+            g = guarded or guard_with(child)
+            where[id(child)] = (func, g)
+            visit(child, func, g)
+
+    visit(tree, "<module>", False)
+    calls: dict[str, list[tuple[str, bool]]] = {}
+    launches: list[tuple[ast.Call, str, bool]] = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func, g = where.get(id(node), ("<module>", False))
+        if isinstance(node.func, ast.Subscript) and isinstance(node.func.value, ast.Name) \
+                and node.func.value.id.endswith("_kernel"):
+            launches.append((node, func, g))
+        elif isinstance(node.func, ast.Name) and node.func.id in funcs:
+            calls.setdefault(node.func.id, []).append((func, g))
+
+    def func_guarded(name: str, seen=frozenset()) -> bool:
+        sites = calls.get(name, [])
+        if not sites or name in seen:
+            return False  # an entry point (or recursion): nothing guards it
+        return all(g or func_guarded(caller, seen | {name}) for caller, g in sites)
+
+    return [f"line {node.lineno}: {node.func.value.id} in {func}()" for node, func, g in launches
+            if not (g or func_guarded(func))]
+
+
+def test_every_triton_launch_runs_on_the_tensors_device():
+    """CPU check of the cuda:1 defect for machines with one GPU: every Triton kernel launch in triton_kernels/ runs
+    under ``with on_device(t)`` (torch.cuda.device(t.device)), directly or through helpers called only there. The
+    check itself is tested: a launch taken out of its guard is reported."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "triton_kernels"
+    sources = {p.name: p.read_text() for p in sorted(root.glob("*.py"))}
+    counted = sum(s.count("_kernel[") for s in sources.values())
+    assert counted >= 15, "fewer kernel launches found than triton_kernels has: the pattern no longer matches"
+    unguarded = {name: _launch_guard_report(s) for name, s in sources.items()}
+    assert not any(unguarded.values()), unguarded
+    import re
+
+    guards = 0
+    for name, s in sources.items():  # each guard taken away, one at a time, is reported
+        for m in re.finditer(r"\n( +)with _?on_device\(\w+\):\n", s):
+            guards += 1
+            mutated = f"{s[:m.start()]}\n{m.group(1)}if True:\n{s[m.end():]}"
+            assert _launch_guard_report(mutated), f"{name}: removing the guard at offset {m.start()} went unseen"
+    assert guards >= 9
