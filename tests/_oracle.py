@@ -8,8 +8,10 @@ Tolerance rule (flash-attention style, elementwise): a result ``out`` in dtype d
                            FACTOR * eps32 / eps_d * E)          float32 conditioning,
 
 with ref the float64 composite, stock the same composite run in d, ulp_d(v) the spacing of d at |v|, S_c the
-largest |ref| in element i's channel (dim 1; the whole tensor for vectors) and E stock's largest error in
-the tensor. The last two terms are what float32 arithmetic can promise at all: cancellation leaves elements
+largest |ref| in element i's channel (dim 1; the whole tensor for vectors), or the largest operand of the
+channel's arithmetic where the caller names it (``operand_scale``: a BN input gradient of a channel with two
+values is pure cancellation, every element far below the invstd * weight * grad terms it is made of), and E
+stock's largest error in the tensor. The last two terms are what float32 arithmetic can promise at all: cancellation leaves elements
 far smaller than their operands, and a statistic rounded once to float32 (the mean of values near 1e4, to
 half an ulp) shifts its whole channel by an amount that stock, rounding differently, may happen to avoid in
 that channel but not in every channel. For float32 results the last term is twice stock's worst error
@@ -115,7 +117,8 @@ def _channel_max(a: torch.Tensor) -> torch.Tensor:
 
 
 def elementwise_tolerance(dtype: torch.dtype, ref: torch.Tensor, torch_out: torch.Tensor | None = None,
-                          factor: float = FACTOR, ulps: float = ULPS, pointwise: bool = True) -> torch.Tensor:
+                          factor: float = FACTOR, ulps: float = ULPS, pointwise: bool = True,
+                          operand_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The per-element tolerance of the module docstring (float64, ref's shape).
 
     ``pointwise=False`` (whole models): stock's error term is ``factor`` times stock's largest error in the
@@ -125,7 +128,10 @@ def elementwise_tolerance(dtype: torch.dtype, ref: torch.Tensor, torch_out: torc
     ref = ref.detach().double()
     tol = ulps * ulp(ref, dtype)
     eps32 = torch.finfo(torch.float32).eps
-    tol = torch.maximum(tol, COMPUTE_ULPS * eps32 * _channel_max(ref.abs()))
+    scale = _channel_max(ref.abs())
+    if operand_scale is not None:
+        scale = torch.maximum(scale, operand_scale.detach().double())
+    tol = torch.maximum(tol, COMPUTE_ULPS * eps32 * scale)
     if torch_out is not None:
         stock_err = (torch_out.detach().double() - ref).abs()
         tol = torch.maximum(tol, factor * (stock_err if pointwise else stock_err.max()))
@@ -138,7 +144,7 @@ def tolerance(dtype: torch.dtype, ref: torch.Tensor, torch_out: torch.Tensor | N
 
 
 def check_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, torch_out=None, factor: float = FACTOR,
-                ulps: float = ULPS, pointwise: bool = True) -> str | None:
+                ulps: float = ULPS, pointwise: bool = True, operand_scale=None) -> str | None:
     """None when ``out`` is within the elementwise tolerance of ``ref``, else what is wrong (worst element)."""
     if out.shape != ref.shape:
         return f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
@@ -147,7 +153,7 @@ def check_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, torch_
     if not torch.isfinite(out).all():
         return "non-finite values"
     err = (out.detach().double() - ref.detach().double()).abs()
-    tol = elementwise_tolerance(dtype, ref, torch_out, factor, ulps, pointwise)
+    tol = elementwise_tolerance(dtype, ref, torch_out, factor, ulps, pointwise, operand_scale)
     bad = err > tol
     if not bad.any():
         return None
@@ -162,8 +168,8 @@ def check_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, torch_
 
 
 def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, torch_out=None,
-                 factor: float = FACTOR, ulps: float = ULPS, pointwise: bool = True) -> None:
-    why = check_close(out, ref, dtype, torch_out, factor, ulps, pointwise)
+                 factor: float = FACTOR, ulps: float = ULPS, pointwise: bool = True, operand_scale=None) -> None:
+    why = check_close(out, ref, dtype, torch_out, factor, ulps, pointwise, operand_scale)
     assert why is None, f"{name}: {why}"
 
 
