@@ -38,6 +38,18 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
 ALL_BACKENDS = ("reference", "triton", "cuda")
+# On CPU, the BN + add + ReLU tests also run "auto" (what a CPU user gets: "native", aten's batch norm, for
+# float32/float64) and "cuda_sim" (the cuda backend's C++ kernels on the CPU SIMT runtime). On a GPU both are
+# covered by the real thing.
+CPU_EXTRA_BACKENDS = [] if HAS_CUDA else ["auto", "cuda_sim"]
+
+
+def prepare_backend(backend):
+    """Build what ``backend`` needs before a test uses it (cuda_sim: the runtime, cached by source)."""
+    if backend == "cuda_sim":
+        from resfused import _cuda_sim
+
+        _cuda_sim.build()
 
 
 def usable_backends(device=DEVICE, unavailable_reason=None):

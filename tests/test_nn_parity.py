@@ -18,7 +18,7 @@ from resfused.nn import BatchNormAddReLU2d
 from resfused.nn.batchnorm import STOCK_HAS_BIAS
 
 from _oracle import assert_close
-from conftest import DEVICE, usable_backends
+from conftest import CPU_EXTRA_BACKENDS, DEVICE, prepare_backend, usable_backends
 
 BACKENDS = usable_backends()
 needs_bias_kw = pytest.mark.skipif(not STOCK_HAS_BIAS, reason="this torch's nn.BatchNorm2d has no bias argument")
@@ -125,10 +125,11 @@ EDGES = {
 
 
 @pytest.mark.parametrize("edge", EDGES.values(), ids=EDGES.keys())
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + CPU_EXTRA_BACKENDS)
 def test_module_matches_stock_on_edge_configs(backend, edge):
     """Three train steps and an eval step of each config, with and without a residual/ReLU: outputs, input
     and parameter gradients, running stats and num_batches_tracked as stock's."""
+    prepare_backend(backend)
     g = torch.Generator().manual_seed(0)
     stock = nn.BatchNorm2d(5, **edge).to(DEVICE)
     with torch.no_grad():
@@ -165,9 +166,10 @@ def test_module_matches_stock_on_edge_configs(backend, edge):
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("edge", EDGES.values(), ids=EDGES.keys())
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + CPU_EXTRA_BACKENDS)
 def test_empty_batch_matches_stock(backend, edge, mode):
     """N=0: an empty output, the running stats untouched and num_batches_tracked counted, as stock."""
+    prepare_backend(backend)
     stock = nn.BatchNorm2d(4, **edge).to(DEVICE).train(mode == "train")
     ours = BatchNormAddReLU2d(4, backend=backend, relu=False, **edge).to(DEVICE).train(mode == "train")
     ours.load_state_dict(stock.state_dict())

@@ -33,13 +33,12 @@ from resfused import _backend, _layout  # noqa: E402
 from resfused.functional import batch_norm_add_relu  # noqa: E402
 
 from _oracle import assert_close, composite  # noqa: E402
-from conftest import DEVICE, usable_backends  # noqa: E402
+from conftest import CPU_EXTRA_BACKENDS, DEVICE, prepare_backend, usable_backends  # noqa: E402
 
 BACKENDS = usable_backends()
 _SCALE = 10 if settings().max_examples >= 1000 else 1  # the "long" profile
 REFERENCE_EXAMPLES = 300 * _SCALE
 TRITON_EXAMPLES = 300 * _SCALE
-CPU_EXTRA = [] if DEVICE.type == "cuda" else ["auto", "cuda_sim"]
 EXAMPLES = {"reference": REFERENCE_EXAMPLES, "auto": REFERENCE_EXAMPLES, "cuda_sim": 300 * _SCALE}
 EPS = (1e-5, 1e-5, 1e-5, 1e-3, 0.0, -1e-5)  # mostly valid: the invalid ones end in one check
 
@@ -192,13 +191,10 @@ def _run(backend, case):
                      operand_scale=grad_input_terms if names[i] == "grad_input" else None)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + CPU_EXTRA)
+@pytest.mark.parametrize("backend", BACKENDS + CPU_EXTRA_BACKENDS)
 def test_random_inputs_match_the_oracle(backend):
     examples = EXAMPLES.get(backend, TRITON_EXAMPLES)
-    if backend == "cuda_sim":
-        from resfused import _cuda_sim
-
-        _cuda_sim.build()  # cached by source; seconds the first time
+    prepare_backend(backend)
     if backend == "auto":  # what a CPU user gets: aten's batch norm, not the reference composite
         assert _backend.resolve("auto", torch.empty(1, 1, 1, 1)) == _backend.NATIVE
 
