@@ -18,9 +18,9 @@ import triton.language as tl
 
 from resfused.triton_kernels import bn_add_relu as bn
 from resfused.triton_kernels import conv_bn as cb
-from resfused.triton_kernels.bn_add_relu import _tile_index
-from resfused.triton_kernels.conv_bias_act import _gemm_tile, index64
-from resfused.triton_kernels.conv_bn import _tail_tile
+from resfused.triton_kernels.bn_add_relu import _shift_offset, _tile_index
+from resfused.triton_kernels.conv_bias_act import _gemm_tile, _pixel, index64
+from resfused.triton_kernels.conv_bn import _element_offset, _partial_offset, _tail_tile
 
 pytestmark = pytest.mark.skipif(not bn._INTERPRET, reason="the probes run in Triton's interpreter")
 
@@ -176,6 +176,98 @@ def test_tail_tile_rows_past_2_31():
     pid_r, pid_i = divmod(pid, tiles_i)
     assert out[:block_r].tolist() == [pid_r * block_r + i for i in range(block_r)]
     assert out[block_r:].tolist() == [pid_i * block_i + j for j in range(block_i)]
+
+
+@triton.jit
+def _shift_offset_probe(out_ptr, c0, HW, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr):
+    tl.store(out_ptr + tl.arange(0, BLOCK_C), _shift_offset(c0 + tl.arange(0, BLOCK_C), HW, CHANNELS_LAST))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_bn_shift_offset_past_2_31(channels_last):
+    """The moments' per-channel shift (each channel's first value in sample 0): in NCHW, channel c of a sample of
+    2^12 channels x 2^20 pixels lies at c * 2^20, past 2^31 for the last channels."""
+    c0, hw, block_c = 2**12 - 8, 2**20, 8
+    out = torch.empty(block_c, dtype=torch.int64)
+    _shift_offset_probe[(1,)](out, c0, hw, CHANNELS_LAST=channels_last, BLOCK_C=block_c)
+    want = [(c0 + j) * (1 if channels_last else hw) for j in range(block_c)]
+    assert out.tolist() == want
+    assert channels_last or want[-1] >= BIG
+
+
+@triton.jit
+def _partial_offset_probe(out_ptr, t, C, BLOCK_C: tl.constexpr):
+    tl.store(out_ptr + tl.arange(0, BLOCK_C), _partial_offset(t, C, C - BLOCK_C + tl.arange(0, BLOCK_C)))
+
+
+def test_conv_bn_partials_offset_past_2_31():
+    """conv_bn's statistics partials, a (T, C) buffer merged row by row (_chan_merge): row 2^20 + 5 of 2^12
+    channels starts past 2^32."""
+    t, c, block_c = 2**20 + 5, 2**12, 4
+    out = torch.empty(block_c, dtype=torch.int64)
+    _partial_offset_probe[(1,)](out, t, c, BLOCK_C=block_c)
+    assert out.tolist() == [t * c + c - block_c + j for j in range(block_c)]
+
+
+@triton.jit
+def _pixel_probe(out_ptr, r0, SP_H, SP_W, BLOCK: tl.constexpr):
+    img, ph, pw = _pixel(r0 + tl.arange(0, BLOCK).to(tl.int64), SP_H, SP_W, True)
+    r = tl.arange(0, BLOCK)
+    tl.store(out_ptr + r, img)
+    tl.store(out_ptr + BLOCK + r, ph.to(tl.int64))
+    tl.store(out_ptr + 2 * BLOCK + r, pw.to(tl.int64))
+
+
+def test_pixel_decode_past_2_31_per_plane():
+    """The conv kernels' pixel decode (the forward tiles and conv_bn's wgrad loop share it): rows of image 1 of
+    46341 x 46341-pixel planes (2^31 + pixels each), across a row boundary."""
+    h = w = 46341
+    block = 16
+    r0 = h * w + 3 * w - block // 2  # image 1, the end of row 2 and the start of row 3
+    out = torch.empty(3 * block, dtype=torch.int64)
+    _pixel_probe[(1,)](out, r0, h, w, BLOCK=block)
+    rows = [r0 + i for i in range(block)]
+    assert out.view(3, block).tolist() == [[r // (h * w) for r in rows], [(r % (h * w)) // w for r in rows],
+                                           [r % w for r in rows]]
+
+
+@triton.jit
+def _element_offset_probe(out_ptr, start, C, H, W, sn, sc, sh, sw, CHANNELS_LAST: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    off, c = _element_offset(start + tl.arange(0, BLOCK).to(tl.int64), C, H, W, sn, sc, sh, sw, CHANNELS_LAST)
+    tl.store(out_ptr + tl.arange(0, BLOCK), off)
+    tl.store(out_ptr + BLOCK + tl.arange(0, BLOCK), c.to(tl.int64))
+
+
+def _decode(i, shape, channels_last):
+    n_, c_, h_, w_ = shape
+    if channels_last:
+        return i // (h_ * w_ * c_), i % c_, (i // (w_ * c_)) % h_, (i // c_) % w_
+    return i // (c_ * h_ * w_), (i // (h_ * w_)) % c_, (i // w_) % h_, i % w_
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_bn_input_grad_offsets_past_2_31_per_sample(channels_last):
+    """conv_bn backward's elementwise grad_x kernel: positions in sample 1 of (2, 2^10, 2^11, 2^11 + 3) (2^32 +
+    elements per sample) decoded into offsets through x's strides (here a sliced x: every other row)."""
+    shape = (2, 2**10, 2**11, 2**11 + 3)
+    n_, c_, h_, w_ = shape
+    if channels_last:
+        strides = (2 * h_ * w_ * c_, 1, 2 * w_ * c_, c_)
+    else:
+        strides = (c_ * 2 * h_ * w_, 2 * h_ * w_, 2 * w_, 1)
+    per_sample = c_ * h_ * w_
+    block = 16
+    start = per_sample + per_sample // 2 + 7  # deep inside sample 1
+    out = torch.empty(2 * block, dtype=torch.int64)
+    _element_offset_probe[(1,)](out, start, c_, h_, w_, *strides, CHANNELS_LAST=channels_last, BLOCK=block)
+    want_off, want_c = [], []
+    for i in range(start, start + block):
+        idx = _decode(i, shape, channels_last)
+        want_off.append(sum(a * b for a, b in zip(idx, strides)))
+        want_c.append(idx[1])
+    assert out[:block].tolist() == want_off and out[block:].tolist() == want_c
+    assert min(want_off) >= BIG
 
 
 _BN_COMPILE_SCRIPT = r"""

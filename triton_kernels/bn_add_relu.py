@@ -333,11 +333,18 @@ def _inv_sqrt(v):
 @triton.jit
 def _shift_of(x_ptr, c, c_ok, HW, CHANNELS_LAST: tl.constexpr):
     """Per-channel shift for the moments: the channel's first value (row 0), in x's dtype."""
+    return tl.load(x_ptr + _shift_offset(c, HW, CHANNELS_LAST), mask=c_ok, other=0.0)
+
+
+@triton.jit
+def _shift_offset(c, HW, CHANNELS_LAST: tl.constexpr):
+    """Offsets of channels c's first values in sample 0: c (channels_last) or c * HW in int64 (C * HW may pass
+    2^31)."""
     if CHANNELS_LAST:
-        k = tl.load(x_ptr + c, mask=c_ok, other=0.0)
+        off = c
     else:
-        k = tl.load(x_ptr + c.to(tl.int64) * HW, mask=c_ok, other=0.0)  # C * HW may pass 2^31
-    return k
+        off = c.to(tl.int64) * HW
+    return off
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -81,11 +81,19 @@ def _gemm_tile(M, N_G, SP_H, SP_W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     grp = pid_n // tiles_n
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = (pid_n % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    img64, ph, pw = _pixel(rm, SP_H, SP_W, INDEX64)
+    return grp, rm, rn, rm < M, rn < N_G, img64, ph, pw
+
+
+@triton.jit
+def _pixel(rm, SP_H, SP_W, INDEX64: tl.constexpr):
+    """Flat pixel indices rm of an (N, SP_H, SP_W) grid as (image index in int64, row, column). Under INDEX64 rm
+    is int64 and so is the plane size it is divided by (one plane may hold 2^31 pixels or more)."""
     hw = SP_H * SP_W
     if INDEX64:
-        hw = SP_H.to(tl.int64) * SP_W  # one plane may hold 2^31 pixels or more
+        hw = SP_H.to(tl.int64) * SP_W
     pix = rm % hw
-    return grp, rm, rn, rm < M, rn < N_G, (rm // hw).to(tl.int64), pix // SP_W, pix % SP_W
+    return (rm // hw).to(tl.int64), pix // SP_W, pix % SP_W
 
 
 @triton.jit

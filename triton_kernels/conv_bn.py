@@ -70,8 +70,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv_bias_act import (_FLAT_K_BELOW, _PRUNE, _gemm_tile, _gpu_configs, _k_range, _mma, _out_size, index64,
-                            input_precision, on_device)
+from .conv_bias_act import (_FLAT_K_BELOW, _PRUNE, _gemm_tile, _gpu_configs, _k_range, _mma, _out_size, _pixel,
+                            index64, input_precision, on_device)
 
 Tensor = torch.Tensor
 
@@ -191,6 +191,12 @@ def _group_tree_sum(x, ROWS: tl.constexpr, N: tl.constexpr, GROUP: tl.constexpr,
 
 
 @triton.jit
+def _partial_offset(t, C, rc):
+    """Offsets of channels rc in row t of a (T, C) partials buffer, in int64: T * C may pass 2^31."""
+    return tl.cast(t, tl.int64) * C + rc
+
+
+@triton.jit
 def _chan_merge(pmean_ptr, pm2_ptr, pcnt_ptr, t0, t1, rc, c_ok, C, BLOCK_C: tl.constexpr):
     """(count, mean, M2) per channel of partials t0..t1-1 merged in order with Chan's formula (centred)."""
     n = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -198,7 +204,7 @@ def _chan_merge(pmean_ptr, pm2_ptr, pcnt_ptr, t0, t1, rc, c_ok, C, BLOCK_C: tl.c
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for t in range(t0, t1):
         nb = tl.load(pcnt_ptr + t)
-        off = tl.cast(t, tl.int64) * C + rc
+        off = _partial_offset(t, C, rc)
         # Partials with count 0 (past the chosen config's grid; never written) change nothing.
         used = nb > 0
         mb = tl.where(used, tl.load(pmean_ptr + off, mask=c_ok, other=0.0), mean)
@@ -392,19 +398,13 @@ def _conv_bn_wgrad_kernel(
     kh = tap // KW
     kw = tap % KW
     c_base = grp * C_IN_G
-    hw_o = HO * WO
-    if INDEX64:
-        hw_o = HO.to(tl.int64) * WO
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     m_start = split * ROWS_PER_SPLIT
     m_end = tl.minimum(m_start + ROWS_PER_SPLIT, M)
     for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + _k_range(BLOCK_M, INDEX64)
         m_ok = rm < m_end
-        img64 = (rm // hw_o).to(tl.int64)
-        pix = rm % hw_o
-        oh = pix // WO
-        ow = pix % WO
+        img64, oh, ow = _pixel(rm, HO, WO, INDEX64)
         ih = (oh * STRIDE_H - PAD_H)[:, None] + (kh * DIL_H)[None, :]
         iw = (ow * STRIDE_W - PAD_W)[:, None] + (kw * DIL_W)[None, :]
         a_mask = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -494,14 +494,10 @@ def _conv_bn_dgrad_kernel(
 
 
 @triton.jit
-def _bn_input_grad_kernel(gz_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, sum_g_ptr, sum_gx_ptr, out_ptr,
-                          TOTAL, C, H, W, sn, sc, sh, sw, inv_n,
-                          TRAINING: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    """grad_x = w * invstd * (gz - sum_g / n - xhat * sum_gx / n) (training) or w * invstd * gz, elementwise in
-    memory order; gz, x and grad_x share x's strides."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < TOTAL
-    # offs is int64; so are the plane and sample sizes it is divided by (one sample may hold 2^31 elements).
+def _element_offset(offs, C, H, W, sn, sc, sh, sw, CHANNELS_LAST: tl.constexpr):
+    """(offset, channel) of the elements at int64 positions offs in memory order (NHWC if CHANNELS_LAST, else
+    NCHW) of an (N, C, H, W) tensor with strides (sn, sc, sh, sw). The plane and sample sizes offs is divided by
+    are int64 too: one sample may hold 2^31 elements."""
     c64 = tl.cast(C, tl.int64)
     if CHANNELS_LAST:
         c = offs % C
@@ -513,7 +509,18 @@ def _bn_input_grad_kernel(gz_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, sum_g
         h = (offs // W) % H
         c = (offs // (tl.cast(W, tl.int64) * H)) % C
         n = offs // (tl.cast(W, tl.int64) * H * C)
-    off = n * sn + c * sc + h * sh + w_ * sw
+    return n * sn + c * sc + h * sh + w_ * sw, c
+
+
+@triton.jit
+def _bn_input_grad_kernel(gz_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, sum_g_ptr, sum_gx_ptr, out_ptr,
+                          TOTAL, C, H, W, sn, sc, sh, sw, inv_n,
+                          TRAINING: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """grad_x = w * invstd * (gz - sum_g / n - xhat * sum_gx / n) (training) or w * invstd * gz, elementwise in
+    memory order; gz, x and grad_x share x's strides."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < TOTAL
+    off, c = _element_offset(offs, C, H, W, sn, sc, sh, sw, CHANNELS_LAST)
     gz = tl.load(gz_ptr + off, mask=ok, other=0.0).to(tl.float32)
     k = tl.load(weight_ptr + c, mask=ok, other=0.0) * tl.load(invstd_ptr + c, mask=ok, other=0.0)
     if TRAINING:
