@@ -715,8 +715,9 @@ def _two_steps_against_stock(backend, label, layout, autocast_dtype=None, recomp
         cast = autocast_dtype is not None and key != "ref"
         with torch.autocast(DEVICE.type, dtype=autocast_dtype or torch.bfloat16, enabled=cast):
             runs[key] = (*_train(model, x.to(dtype), _block_loss), model.state_dict())
+    out_fmt = fmt if backend == "reference" else torch.channels_last  # see conv_bn_blocks.to_kernel_layout
     for i in range(3):
-        assert runs["ours"][0][i].is_contiguous(memory_format=fmt)
+        assert runs["ours"][0][i].is_contiguous(memory_format=out_fmt)
         _check_2x_stock(f"output {i}", runs["ours"][0][i], runs["ref"][0][i], runs["stock"][0][i])
     for what, idx in (("grad", 1), ("state", 2)):
         for k, r in runs["ref"][idx].items():
@@ -913,6 +914,52 @@ def test_block_bad_input_changes_no_state(label):
             block(bad)
         for k, v in block.state_dict().items():
             assert torch.equal(v, state[k]), f"{k} changed on bad input ({match})"
+
+
+def _is_nhwc(t):
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_blocks_run_channels_last_from_an_nchw_input(backend, monkeypatch):
+    """An NCHW input to two fused blocks: on every backend but the reference the fused convs read channels_last
+    (the first block takes the one copy, the second none, the output stays channels_last), with bitwise the
+    outputs, x.grad (in x's layout), weight gradients and running stats of a channels_last input; the reference
+    keeps NCHW throughout."""
+    layouts = []
+    real = op.conv_bn
+
+    def spy(x, *args, **kwargs):
+        layouts.append(_is_nhwc(x))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(conv_bn_blocks._op, "conv_bn", spy)
+    model = resfused.convert(nn.Sequential(_block("basic_s1", seed=0), _block("basic_s1", seed=1)),
+                             backend=backend, fuse_convs=True)
+    runs = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        m = copy.deepcopy(model)
+        layouts.clear()
+        x = _input(4, 8, 8, 8).contiguous(memory_format=memory_format).requires_grad_()
+        first = m[0](x)
+        out = m[1](first)
+        _block_loss(out).backward()
+        runs.append((out.detach(), x.grad, {n: p.grad for n, p in m.named_parameters()},
+                     {n: b.clone() for n, b in m.named_buffers()}))
+        if memory_format is torch.contiguous_format:
+            kernel = backend != "reference"
+            assert layouts == [kernel] * 4, layouts
+            assert _is_nhwc(first) == kernel and _is_nhwc(out) == kernel
+            assert conv_bn_blocks.to_kernel_layout(first, backend) is first  # the second block copies nothing
+            assert x.grad.is_contiguous()
+    if backend == "reference":
+        return  # stock's own convs round differently per layout; test_block_two_sgd_steps_* check its values
+    (y0, gx0, gp0, b0), (y1, gx1, gp1, b1) = runs
+    assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+    for n in gp0:
+        assert torch.equal(gp0[n], gp1[n]), n
+    for n in b0:
+        assert torch.equal(b0[n], b1[n]), n
 
 
 @pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan")], ids=str)

@@ -77,6 +77,19 @@ def fusable_downsample(ds: Optional[nn.Module]) -> bool:
             and type(ds[1]) is nn.BatchNorm2d)
 
 
+def to_kernel_layout(x: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
+    """x as the fused conv kernels read it: channels_last on every backend but the reference.
+
+    NCHW input would take the Triton kernels' gather paths (bf16: 16-bit loads where channels_last loads 128-bit
+    vectors, the `_conv_bn_*` rows of bench/results/static/sm90.json) and, in fp32, the cuda backend's unfused
+    path (cuDNN has no fused NCHW engine). A block's output keeps its input's layout, so a model's first fused block takes the one
+    copy (its backward the one copy back) and the rest of the network stays channels_last; the reference keeps
+    x's layout (it is the oracle, and on a CPU what a CPU user runs)."""
+    if x.is_contiguous(memory_format=torch.channels_last) or _op.resolve(backend, x) == "reference":
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 class _ConvBNBlock(nn.Module):
     _convs: tuple = ()
     _torchvision_name: str = ""
@@ -150,6 +163,7 @@ class _ConvBNBlock(nn.Module):
         amp = _autocast_dtype(x)
         if amp is not None:  # the custom ops have no autocast rule: cast as autocast would for the stock convs
             x = x.to(amp)
+        x = to_kernel_layout(x, self.backend)
         y, mean, invstd, spec = self._conv(x, self.conv1, None, self.bn1)
         prev_bn = self.bn1
         for i in range(2, len(self._convs) + 1):
