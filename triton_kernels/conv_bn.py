@@ -663,31 +663,46 @@ def _tail_tile(R, I, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, INDEX64: tl.c
 
 
 @triton.jit
-def _tail_channel(rr, ri, C, CHANNELS_LAST: tl.constexpr):
+def _tail_vec(ptr, rr, ri, C, R, I, ok, CHANNELS_LAST: tl.constexpr, NCHW_ONCE: tl.constexpr):
+    """A per-channel fp32 vector at this tile. A channels_last tile's columns ri are channels: loaded once per tile
+    (a row vector, broadcast). An NCHW tile's rows rr are (sample, channel) planes of channel rr % C: loaded once
+    per tile (a column vector) with NCHW_ONCE, else gathered per element, which sm_90 code does better where the
+    plane size is not a multiple of 16 (see _nchw_once)."""
     if CHANNELS_LAST:
-        c = ri[None, :] + 0 * rr[:, None]
+        v = tl.load(ptr + ri, mask=ri < I, other=0.0)[None, :]
+    elif NCHW_ONCE:
+        v = tl.load(ptr + rr % C, mask=rr < R, other=0.0)[:, None]
     else:
-        c = (rr % C)[:, None] + 0 * ri[None, :]
-    return c
+        v = tl.load(ptr + (rr % C)[:, None] + 0 * ri[None, :], mask=ok, other=0.0)
+    return v
+
+
+def _nchw_once(inner: int) -> bool:
+    """Whether the NCHW tail kernels load their per-channel vectors once per tile (_tail_vec). From the static
+    report (sm_90, fp32, R32 I64 w4): with planes of 56x56 and 28x28 (a multiple of 16 pixels) once per tile
+    halves the registers (127-128 -> 63-72) and doubles the occupancy (25 % -> 44-50 %); with 14x14 and 7x7 it
+    costs registers (78-140 -> 104-166) and occupancy (19-38 % -> 19-31 %), so those keep the per-element gather."""
+    return inner % 16 == 0
 
 
 @triton.jit
 def _tail_fwd_kernel(y_ptr, r_ptr, out_ptr, mask_ptr, mean_ptr, scale_ptr, bias_ptr, rmean_ptr, rscale_ptr,
                      rbias_ptr, R, I, C, NB,
-                     RES_BN: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_I: tl.constexpr):
+                     RES_BN: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr,
+                     NCHW_ONCE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
     _, pid_i, rr, ri = _tail_tile(R, I, BLOCK_R, BLOCK_I, INDEX64)
     r_ok = rr < R
     ok = r_ok[:, None] & (ri < I)[None, :]
-    c = _tail_channel(rr, ri, C, CHANNELS_LAST)
     off = rr.to(tl.int64)[:, None] * I + ri[None, :]
-    mu = tl.load(mean_ptr + c, mask=ok, other=0.0)
-    z = (tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32) - mu) * tl.load(scale_ptr + c, mask=ok, other=0.0)
-    z += tl.load(bias_ptr + c, mask=ok, other=0.0)
+    mu = _tail_vec(mean_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
+    scale = _tail_vec(scale_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
+    z = (tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32) - mu) * scale
+    z += _tail_vec(bias_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
     r = tl.load(r_ptr + off, mask=ok, other=0.0).to(tl.float32)
     if RES_BN:
-        r = (r - tl.load(rmean_ptr + c, mask=ok, other=0.0)) * tl.load(rscale_ptr + c, mask=ok, other=0.0)
-        r += tl.load(rbias_ptr + c, mask=ok, other=0.0)
+        r_scale = _tail_vec(rscale_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
+        r = (r - _tail_vec(rmean_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)) * r_scale
+        r += _tail_vec(rbias_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
     z += r
     pos = (z > 0) & ok
     tl.store(out_ptr + off, tl.where(pos, z, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
@@ -710,19 +725,21 @@ def _tail_gz(g_ptr, mask_ptr, rr, ri, ok, off, NB):
 def _tail_bwd_reduce_kernel(g_ptr, mask_ptr, y_ptr, r_ptr, mean_ptr, invstd_ptr, rmean_ptr, rinvstd_ptr,
                             p_g_ptr, p_gy_ptr, p_gr_ptr, R, I, C, NB,
                             RES_BN: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr,
+                            NCHW_ONCE: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
     """Per-program partial sums of gz, gz * xhat(y) (and gz * xhat(residual)): channels_last programs reduce over
     rows into a (row tiles, C) buffer; NCHW programs reduce over columns into a (column tiles, R) buffer."""
     pid_r, pid_i, rr, ri = _tail_tile(R, I, BLOCK_R, BLOCK_I, INDEX64)
     ok = (rr < R)[:, None] & (ri < I)[None, :]
-    c = _tail_channel(rr, ri, C, CHANNELS_LAST)
     off = rr.to(tl.int64)[:, None] * I + ri[None, :]
     gz = _tail_gz(g_ptr, mask_ptr, rr, ri, ok, off, NB)
-    xh = (tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32) - tl.load(mean_ptr + c, mask=ok, other=0.0))
-    gy = gz * xh * tl.load(invstd_ptr + c, mask=ok, other=0.0)
+    mu = _tail_vec(mean_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
+    xh = tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32) - mu
+    gy = gz * xh * _tail_vec(invstd_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
     if RES_BN:
-        xr = tl.load(r_ptr + off, mask=ok, other=0.0).to(tl.float32) - tl.load(rmean_ptr + c, mask=ok, other=0.0)
-        gr = gz * xr * tl.load(rinvstd_ptr + c, mask=ok, other=0.0)
+        r_mu = _tail_vec(rmean_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
+        xr = tl.load(r_ptr + off, mask=ok, other=0.0).to(tl.float32) - r_mu
+        gr = gz * xr * _tail_vec(rinvstd_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
     if CHANNELS_LAST:
         p_off = pid_r.to(tl.int64) * I + ri
         p_ok = ri < I
@@ -745,31 +762,34 @@ def _tail_bwd_elementwise_kernel(g_ptr, mask_ptr, y_ptr, r_ptr, gy_out_ptr, gr_o
                                  sum_g_ptr, sum_gy_ptr, sum_gr_ptr, R, I, C, NB, inv_n,
                                  WRITE_Y: tl.constexpr, WRITE_R: tl.constexpr, TRAINING: tl.constexpr,
                                  RES_TRAINING: tl.constexpr, RES_BN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                                 INDEX64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+                                 INDEX64: tl.constexpr, NCHW_ONCE: tl.constexpr, BLOCK_R: tl.constexpr,
+                                 BLOCK_I: tl.constexpr):
     _, _, rr, ri = _tail_tile(R, I, BLOCK_R, BLOCK_I, INDEX64)
     ok = (rr < R)[:, None] & (ri < I)[None, :]
-    c = _tail_channel(rr, ri, C, CHANNELS_LAST)
     off = rr.to(tl.int64)[:, None] * I + ri[None, :]
     gz = _tail_gz(g_ptr, mask_ptr, rr, ri, ok, off, NB)
     if TRAINING or RES_TRAINING:
-        sg = tl.load(sum_g_ptr + c, mask=ok, other=0.0) * inv_n
+        sg = _tail_vec(sum_g_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE) * inv_n
     if WRITE_Y:
-        inv = tl.load(invstd_ptr + c, mask=ok, other=0.0)
-        k = tl.load(weight_ptr + c, mask=ok, other=0.0) * inv
+        inv = _tail_vec(invstd_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
+        k = _tail_vec(weight_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE) * inv
         if TRAINING:
-            xh = (tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32) - tl.load(mean_ptr + c, mask=ok, other=0.0))
-            dy = k * (gz - sg - xh * inv * tl.load(sum_gy_ptr + c, mask=ok, other=0.0) * inv_n)
+            mu = _tail_vec(mean_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
+            xh = tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32) - mu
+            sgy = _tail_vec(sum_gy_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
+            dy = k * (gz - sg - xh * inv * sgy * inv_n)
         else:
             dy = k * gz
         tl.store(gy_out_ptr + off, dy.to(gy_out_ptr.dtype.element_ty), mask=ok)
     if WRITE_R:
         if RES_BN:
-            rinv = tl.load(rinvstd_ptr + c, mask=ok, other=0.0)
-            kr = tl.load(rweight_ptr + c, mask=ok, other=0.0) * rinv
+            rinv = _tail_vec(rinvstd_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
+            kr = _tail_vec(rweight_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE) * rinv
             if RES_TRAINING:
-                xr = tl.load(r_ptr + off, mask=ok, other=0.0).to(tl.float32) - tl.load(rmean_ptr + c, mask=ok,
-                                                                                     other=0.0)
-                dr = kr * (gz - sg - xr * rinv * tl.load(sum_gr_ptr + c, mask=ok, other=0.0) * inv_n)
+                r_mu = _tail_vec(rmean_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
+                xr = tl.load(r_ptr + off, mask=ok, other=0.0).to(tl.float32) - r_mu
+                sgr = _tail_vec(sum_gr_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
+                dr = kr * (gz - sg - xr * rinv * sgr * inv_n)
             else:
                 dr = kr * gz
         else:
@@ -816,7 +836,7 @@ def tail_forward(y: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: 
         _tail_fwd_kernel[grid](y, residual, out, mask, mean, scale, bias,
                                res_mean if residual_bn else mean, rscale, res_bias if residual_bn else bias,
                                rows, inner, y.shape[1], nb, RES_BN=bool(residual_bn), CHANNELS_LAST=channels_last,
-                               INDEX64=index64(y, residual), **cfg)
+                               INDEX64=index64(y, residual), NCHW_ONCE=_nchw_once(inner), **cfg)
     return out, mask
 
 
@@ -847,7 +867,8 @@ def tail_backward(grad_out: Tensor, mask: Tensor, y: Tensor, mean: Tensor, invst
             _tail_bwd_reduce_kernel[grid](grad_out, mask, y, residual if res_bn else y, mean, invstd,
                                           res_mean if res_bn else mean, res_invstd if res_bn else invstd,
                                           p_g, p_gy, p_gr, rows, inner, c, nb, RES_BN=res_bn,
-                                          CHANNELS_LAST=channels_last, INDEX64=wide, **cfg)
+                                          CHANNELS_LAST=channels_last, INDEX64=wide,
+                                          NCHW_ONCE=_nchw_once(inner), **cfg)
         fold = (lambda p: p.sum(dim=0)) if channels_last else (lambda p: p.view(-1, y.shape[0], c).sum(dim=(0, 1)))
         sum_g, sum_gy = fold(p_g), fold(p_gy)
         sum_gr = fold(p_gr) if res_bn else sum_g
@@ -867,5 +888,5 @@ def tail_backward(grad_out: Tensor, mask: Tensor, y: Tensor, mean: Tensor, invst
                 res_weight if res_bn else weight, sum_g, sum_gy, sum_gr, rows, inner, c, nb, 1.0 / n_per_channel,
                 WRITE_Y=write_y, WRITE_R=write_r, TRAINING=bool(training),
                 RES_TRAINING=bool(res_training) and res_bn, RES_BN=res_bn, CHANNELS_LAST=channels_last,
-                INDEX64=wide, **cfg)
+                INDEX64=wide, NCHW_ONCE=_nchw_once(inner), **cfg)
     return grad_y, grad_w, grad_b, grad_r, grad_rw, grad_rb
