@@ -253,7 +253,7 @@ for dtype, arch, flat_k, has_sc, warps in (("bf16", 90, False, True, 8), ("fp32"
     sig = {n: "constexpr" if n in constexpr else ("*" + dtype if n in pointers else "i32") for n in names}
     consts = dict(STRIDE_H=2, STRIDE_W=2, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, KH=3, KW=3, SC_STRIDE_H=2,
                   SC_STRIDE_W=2, HAS_BIAS=True, HAS_RES=True, HAS_SC=has_sc, RELU=True, FLAT_K=flat_k,
-                  INPUT_PRECISION="tf32" if dtype == "fp32" else "ieee", DOT_IN_FP32=False, INDEX64=False,
+                  INPUT_PRECISION="tf32" if dtype == "fp32" else "ieee", DOT_IN_FP64=False, INDEX64=False,
                   BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 3})

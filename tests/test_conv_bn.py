@@ -413,7 +413,7 @@ from triton.compiler import ASTSource
 import resfused.triton_kernels.conv_bn as k
 
 geo = dict(STRIDE_H=2, STRIDE_W=2, PAD_H=1, PAD_W=1, DIL_H=1, DIL_W=1, KH=3, KW=3, PROLOGUE=True,
-           INPUT_PRECISION="ieee", DOT_IN_FP32=False, INDEX64=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+           INPUT_PRECISION="ieee", DOT_IN_FP64=False, INDEX64=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
 tail = dict(RES_BN=True, CHANNELS_LAST=True, INDEX64=False, BLOCK_R=32, BLOCK_I=64)
 kernels = (
     (k._conv_bn_fwd_kernel, dict(geo, STATS=True, FLAT_K=False, STATS_M=64, STATS_LOG2=6)),
@@ -768,9 +768,10 @@ def _ce(target):
     return lambda out: F.cross_entropy(out.float(), target)
 
 
-def _relu_margin(model, x) -> float:
-    """The smallest |ReLU input| over every ReLU of ``model``'s training forward on ``x``, in units of the std of
-    that input's channel (how far the least clear ReLU decision is from a flip)."""
+def _relu_margin(model, x, training=True) -> float:
+    """The smallest |ReLU input| over every ReLU of ``model``'s training (or eval) forward on ``x``, in units of
+    the std of that input's channel (how far the least clear ReLU decision is from a flip). The training forward
+    updates the running statistics: pass a model that is thrown away after."""
     margins = []
 
     def hook(mod, args):
@@ -781,10 +782,11 @@ def _relu_margin(model, x) -> float:
     handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, torch.nn.ReLU)]
     try:
         with torch.no_grad():
-            model.train()(x)
+            model.train(training)(x)
     finally:
         for h in handles:
             h.remove()
+        model.train()
     return min(margins)
 
 
@@ -812,12 +814,15 @@ def test_resnet18_sgd_step_float32(backend):
     whole nets and in float32 on blocks above.
 
     The input must be well posed for float32: no ReLU input of the float64 run within 1e-5 of its channel's std
-    of zero (asserted), else which side of zero float32 rounds it to is luck, and one flipped ReLU early in the
-    net moves every gradient before it by about 1 %. Input seed 0 has one at 2.9e-7 std in layer2.0.bn1, which
-    stock float32 itself flips in channels_last (5.1e-3 on the eval output against 8e-5 in NCHW); seed 1's
-    smallest is 1.6e-5 std.
+    of zero, in the training forward and in the eval forward after the step (both asserted), else which side of
+    zero float32 rounds it to is luck, and one flipped ReLU early in the net moves every gradient before it by
+    about 1 %. Input seed 0 has one at 2.9e-7 std in layer2.0.bn1's training forward, which stock float32 itself
+    flips in channels_last (5.1e-3 on the eval output against 8e-5 in NCHW). Seed 1 has 1.6e-5 there but 6.0e-6
+    in the eval forward after the step, where stock float32 is 3.3e-5 off in NCHW and 6.9e-5 in channels_last,
+    and whether a summation order flips it depends on the CPU's BLAS (the interpreter's dots). Of seeds 1-15
+    only seed 5 clears both (2.2e-5 and 2.3e-5 std).
     """
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(5)
     x = torch.randn(4, 3, 32, 32, generator=gen).to(DEVICE)
     target = torch.randint(0, 10, (4,), generator=gen).to(DEVICE)
     assert _relu_margin(_model("resnet18", torch.float64), x.double()) > 1e-5
@@ -827,6 +832,8 @@ def test_resnet18_sgd_step_float32(backend):
         if key == "ours":
             model = resfused.convert(model, backend=backend, fuse_convs=True)
         runs[key] = (*_train(model, x.to(dtype), _ce(target), steps=1), model.state_dict())
+        if key == "ref":
+            assert _relu_margin(model, x.double(), training=False) > 1e-5
     for i, what in enumerate(("output", "eval output after the step")):
         _check_2x_stock(what, runs["ours"][0][i], runs["ref"][0][i], runs["stock"][0][i])
     flat = {k: torch.cat([g.double().flatten() for _, g in sorted(r[1].items())]) for k, r in runs.items()}

@@ -23,7 +23,8 @@ read(x) + read(w) + read(residual) + write(y), against cuDNN conv + separate bia
 Precision: fp32 accumulation for every dtype; bias and residual are added in fp32 and the result is rounded
 once. For fp32 inputs on a GPU the dot uses TF32 exactly when cuDNN convolutions do
 (torch.backends.cudnn.allow_tf32, True by default), so the fused model matches stock conv numerics;
-otherwise it runs IEEE fp32.
+otherwise it runs IEEE fp32. Under TRITON_INTERPRET=1 (the CPU tests) each BLOCK_K-deep dot runs in float64 and is
+rounded to fp32 once (_mma: numpy's matmul would make the bits depend on the tile's width).
 
 Autotuned on GPU (key: the GEMM shape and the conv geometry) over BLOCK_M, BLOCK_N, num_warps and num_stages,
 never BLOCK_K, so the result is the same bits whichever config wins (_GPU_TILES); one fixed config under
@@ -53,11 +54,16 @@ _FLAT_K_BELOW = 16
 
 
 @triton.jit
-def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    if DOT_IN_FP32:
-        # Triton's interpreter computes bf16 x bf16 dots wrongly (numpy has no bf16); bf16 -> fp32 is exact.
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
+def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, DOT_IN_FP64: tl.constexpr):
+    """acc + a @ b. DOT_IN_FP64 (under TRITON_INTERPRET=1): the product in float64, rounded to fp32 once per dot.
+    The interpreter's tl.dot is numpy's matmul, whose BLAS kernel sums in an order that depends on the tile's
+    width on some CPUs (AVX2 OpenBLAS: a 128x32x128 fp32 product's first 64 columns differ from a 128x32x64
+    product's), so tile configs would differ bitwise for reasons no GPU has. In float64 the products of fp32
+    (and bf16, fp16) values are exact and a sum of BLOCK_K of them is off by a few float64 ulp whatever the
+    order, so the fp32 result is the same unless the sum lies within that of an fp32 rounding boundary (about
+    1 in 10^7). And numpy has no bf16: the interpreter's bf16 x bf16 dots are wrong, float64's are not."""
+    if DOT_IN_FP64:
+        return acc + tl.dot(a.to(tl.float64), b.to(tl.float64)).to(tl.float32)
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
@@ -119,7 +125,7 @@ def _conv_bias_act_kernel(
         DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
         SC_STRIDE_H: tl.constexpr, SC_STRIDE_W: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SC: tl.constexpr, RELU: tl.constexpr,
-        FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, INDEX64: tl.constexpr,
+        FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP64: tl.constexpr, INDEX64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     grp, rm, rn, m_ok, n_ok, img64, oh, ow = _gemm_tile(M, C_OUT_G, HO, WO, BLOCK_M, BLOCK_N, INDEX64)
     rk = _k_range(BLOCK_K, INDEX64)
@@ -146,7 +152,7 @@ def _conv_bias_act_kernel(
             a = tl.load(x_rows[:, None] + ih * sxh + iw * sxw + (c * sxc)[None, :], mask=a_mask, other=0.0)
             b = tl.load(w_cols[None, :] + (c * swi + kh * swh + kw * sww)[:, None],
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP32)
+            acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP64)
     else:
         for tap in range(0, KH * KW):
             kh = tap // KW
@@ -161,7 +167,7 @@ def _conv_bias_act_kernel(
                 c_ok = c < C_IN_G
                 a = tl.load(a_ptrs[:, None] + (c * sxc)[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs[None, :] + (c * swi)[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP32)
+                acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP64)
 
     if HAS_SC:
         # Projection shortcut: 1x1 conv with stride SC_STRIDE, no padding, same output pixel grid.
@@ -172,7 +178,7 @@ def _conv_bias_act_kernel(
             c_ok = c < C2
             a = tl.load(a2_ptrs[:, None] + (c * s2c)[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(b2_ptrs[None, :] + (c * sw2i)[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP32)
+            acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP64)
 
     out_mask = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
@@ -320,6 +326,6 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: O
                 SC_STRIDE_H=shortcut_stride[0], SC_STRIDE_W=shortcut_stride[1],
                 HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_SC=has_sc, RELU=bool(relu),
                 FLAT_K=flat_k, INPUT_PRECISION=input_precision(x.dtype),
-                DOT_IN_FP32=_INTERPRET and x.dtype == torch.bfloat16,
+                DOT_IN_FP64=_INTERPRET,
                 INDEX64=index64(x, weight, residual, shortcut_x, shortcut_weight, y), **_FIXED)
     return y

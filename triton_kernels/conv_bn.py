@@ -102,7 +102,7 @@ def _conv_bn_fwd_kernel(
         STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
         DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
         PROLOGUE: tl.constexpr, STATS: tl.constexpr,
-        FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, INDEX64: tl.constexpr,
+        FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP64: tl.constexpr, INDEX64: tl.constexpr,
         STATS_M: tl.constexpr, STATS_LOG2: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     grp, rm, rn, m_ok, n_ok, img64, oh, ow = _gemm_tile(M, C_OUT_G, HO, WO, BLOCK_M, BLOCK_N, INDEX64)
@@ -135,7 +135,7 @@ def _conv_bn_fwd_kernel(
             a = _prologue(a, c, k_ok, a_mask, pro_mean, pro_scale, pro_shift, PROLOGUE)
             b = tl.load(w_cols[None, :] + (c * swi + kh * swh + kw * sww)[:, None],
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP32)
+            acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP64)
     else:
         for tap in range(0, KH * KW):
             kh = tap // KW
@@ -152,7 +152,7 @@ def _conv_bn_fwd_kernel(
                 a = tl.load(a_ptrs[:, None] + (c * sxc)[None, :], mask=a_mask, other=0.0)
                 a = _prologue(a, c, c_ok, a_mask, pro_mean, pro_scale, pro_shift, PROLOGUE)
                 b = tl.load(b_ptrs[None, :] + (c * swi)[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP32)
+                acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP64)
 
     out_mask = m_ok[:, None] & n_ok[None, :]
     y_ptrs = y_ptr + (img64 * syn + oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
@@ -348,7 +348,7 @@ def forward(x: Tensor, weight: Tensor, in_mean: Optional[Tensor], in_invstd: Opt
             DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw,
             PROLOGUE=bool(prologue), STATS=bool(stats),
             FLAT_K=flat_k, INPUT_PRECISION=input_precision(x.dtype),
-            DOT_IN_FP32=_INTERPRET and x.dtype == torch.bfloat16, INDEX64=index64(x, weight, y),
+            DOT_IN_FP64=_INTERPRET, INDEX64=index64(x, weight, y),
             STATS_M=_STATS_M, STATS_LOG2=_STATS_M.bit_length() - 1,
             **_FIXED)
         if stats:
@@ -369,7 +369,7 @@ def _conv_bn_wgrad_kernel(
         swo, swi, swh, sww, sws,
         STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
         DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-        PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, INDEX64: tl.constexpr,
+        PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP64: tl.constexpr, INDEX64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dw[co, (tap, c)] = sum_m dy[m, co] * a[m, (tap, c)], a = relu(bn(x)) regathered and recomputed per tile.
 
@@ -413,7 +413,7 @@ def _conv_bn_wgrad_kernel(
         a = _prologue(a, c, k_ok, a_mask, mean_ptr + c_base, scale_ptr + c_base, shift_ptr + c_base, PROLOGUE)
         g = tl.load(dy_ptr + (img64 * sdn + oh * sdh + ow * sdw)[:, None] + (co * sdc)[None, :],
                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _mma(tl.trans(g), a, acc, INPUT_PRECISION, DOT_IN_FP32)
+        acc = _mma(tl.trans(g), a, acc, INPUT_PRECISION, DOT_IN_FP64)
     dw_ptrs = dw_ptr + split.to(tl.int64) * sws + (co * swo)[:, None] + (c * swi + kh * swh + kw * sww)[None, :]
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
@@ -444,7 +444,7 @@ def _conv_bn_dgrad_kernel(
         son, soc, soh, sow,
         STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
         DIL_H: tl.constexpr, DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-        PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, INDEX64: tl.constexpr,
+        PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP64: tl.constexpr, INDEX64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """grad_a[p, ci] = sum_(tap, co) dy[p's output pixel for tap, co] * w[co, ci, tap] over input pixels p.
 
@@ -472,7 +472,7 @@ def _conv_bn_dgrad_kernel(
             g = tl.load(g_rows[:, None] + (co * sdc)[None, :], mask=row_ok[:, None] & co_ok[None, :], other=0.0)
             wt = tl.load(w_ptr + (co * swo)[:, None] + (rn * swi)[None, :] + kh * swh + kw * sww,
                          mask=co_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = _mma(g, wt, acc, INPUT_PRECISION, DOT_IN_FP32)
+            acc = _mma(g, wt, acc, INPUT_PRECISION, DOT_IN_FP64)
     out_mask = m_ok[:, None] & n_ok[None, :]
     o_ptrs = out_ptr + (img64 * son + ih * soh + iw * sow)[:, None] + (ci * soc)[None, :]
     if PROLOGUE:
@@ -562,17 +562,17 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, in_mean: Optional[Tensor
     if "num_warps" in cfg and x.stride(1) != 1:
         cfg["num_warps"] = _BWD_NCHW_WARPS
     prec = input_precision(x.dtype)
-    dot_fp32 = _INTERPRET and x.dtype == torch.bfloat16
+    dot_in_fp64 = _INTERPRET
     geometry = dict(STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
                     DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw,
                     INDEX64=index64(x, weight, grad_y))
     with on_device(x):
         return _backward(grad_y, x, weight, in_mean, in_invstd, in_weight, in_bias, groups, prologue, in_training,
-                         need_input_grad, need_weight_grad, need_in_affine_grad, cfg, prec, dot_fp32, geometry)
+                         need_input_grad, need_weight_grad, need_in_affine_grad, cfg, prec, dot_in_fp64, geometry)
 
 
 def _backward(grad_y, x, weight, in_mean, in_invstd, in_weight, in_bias, groups, prologue, in_training,
-              need_input_grad, need_weight_grad, need_in_affine_grad, cfg, prec, dot_fp32, geometry):
+              need_input_grad, need_weight_grad, need_in_affine_grad, cfg, prec, dot_in_fp64, geometry):
     """backward's launches, on x's device."""
     n, c_in, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
@@ -601,7 +601,7 @@ def _backward(grad_y, x, weight, in_mean, in_invstd, in_weight, in_bias, groups,
                 x, grad_y, pro_mean, pro_scale, pro_shift, dw,
                 m, h, w, c_in_g, ho, wo, c_out_g, rows,
                 *x.stride(), *grad_y.stride(), *dw_strides,
-                **geometry, PROLOGUE=bool(prologue), INPUT_PRECISION=prec, DOT_IN_FP32=dot_fp32, **cfg)
+                **geometry, PROLOGUE=bool(prologue), INPUT_PRECISION=prec, DOT_IN_FP64=dot_in_fp64, **cfg)
             if splits > 1:
                 grad_weight.copy_(dw.sum(dim=0))
     grad_x = torch.empty((0,), dtype=x.dtype, device=dev)
@@ -621,7 +621,7 @@ def _backward(grad_y, x, weight, in_mean, in_invstd, in_weight, in_bias, groups,
         grad_y, weight, x, pro_mean, pro_scale, pro_shift, in_invstd if prologue else x, out, psum, psumx,
         mi, h, w, c_in_g, c_in, ho, wo, c_out_g,
         *grad_y.stride(), *weight.stride(), *x.stride(), *out.stride(),
-        **geometry, PROLOGUE=bool(prologue), INPUT_PRECISION=prec, DOT_IN_FP32=dot_fp32, **cfg)
+        **geometry, PROLOGUE=bool(prologue), INPUT_PRECISION=prec, DOT_IN_FP64=dot_in_fp64, **cfg)
     if not prologue:
         return out, grad_weight, grad_in_w, grad_in_b
     # The per-tile partials summed by torch.sum: a parallel reduction, deterministic (no atomics).
