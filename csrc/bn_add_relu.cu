@@ -54,7 +54,8 @@
 // (cooperative launch; nchw also needs C <= co-resident blocks, one channel per block) and, for
 // backward, only in training with the input's gradient asked for; otherwise two-pass. `persistent`
 // forces it where feasible and falls back to two-pass where not; `two_pass` never uses it; `auto`
-// currently equals `persistent` (to be tuned per shape from GPU benchmarks).
+// runs whichever of the two feasible plans the planner's cost model (plan.h: bytes, occupancy, bytes in
+// flight, launches) estimates faster.
 // RESFUSED_CUDA_PERSISTENT_CACHE_BYTES=n caps the persistent kernels' shared-memory cache per block
 // (testing knob: small n exercises the re-read path on small shapes).
 // torch.ops.resfused_cuda.bn_add_relu_plan(x, op) reports the plan a call would use.
@@ -101,6 +102,9 @@ const DeviceProps& device_props(int device) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.max_blocks_per_sm, cudaDevAttrMaxBlocksPerMultiprocessor, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
     d.coop = coop != 0;
+    int l2 = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
+    d.l2_bytes = l2;
     ready[device] = true;
   }
   return infos[device];
@@ -229,6 +233,10 @@ Plan plan_backward(const Shape& s, Scheme requested, bool training, bool need_in
                        return make_backward_plan(s, requested, training, need_input_grad, need_weight_grad, cap,
                                                  GpuTarget(s.device));
                      });
+}
+
+double estimated_us(const Shape& s, const Plan& plan, bool backward) {
+  return estimate_cost(s, plan, backward, GpuTarget(s.device)).us;
 }
 
 // A refused cooperative launch (cudaErrorCooperativeLaunchTooLarge: fewer blocks co-resident than the

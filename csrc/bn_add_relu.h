@@ -16,6 +16,8 @@ int requested_scheme_from_env();
 Plan plan_forward_train(const Shape& s, Scheme requested);
 Plan plan_backward(const Shape& s, Scheme requested, bool training, bool need_input_grad, bool need_residual_grad,
                    bool need_weight_grad);
+// The planner's cost estimate of running plan on s (plan.h's estimate_cost on this device), microseconds.
+double estimated_us(const Shape& s, const Plan& plan, bool backward);
 
 void launch_forward_train(const Shape& s, const Plan& plan, const ForwardTrainArgs& a, cudaStream_t stream);
 void launch_forward_eval(const Shape& s, const ForwardEvalArgs& a, cudaStream_t stream);

@@ -19,6 +19,7 @@
 
 #include <Python.h>
 
+#include <cstdio>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -263,8 +264,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
   return {grad_input, grad_residual, grad_weight, grad_bias};
 }
 
-// "persistent grid=... threads=... smem=... cache_iters=.../iters=..." or "two_pass splits=...", for
-// op "forward_train" or "backward" (training, all gradients) on x's shape, dtype, layout and device.
+// "persistent grid=... threads=... smem=... cache_iters=... iters=... est_us=..." or "two_pass tiles=...
+// splits=... est_us=...", for op "forward_train" or "backward" (training, all gradients) on x's shape, dtype,
+// layout and device; est_us is the planner's cost estimate (bn_add_relu/plan.h), for comparison with a
+// measured time.
 std::string plan(const Tensor& x, c10::string_view op) {
   const Input in = check_input(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -276,12 +279,14 @@ std::string plan(const Tensor& x, c10::string_view op) {
   } else {
     TORCH_CHECK(false, "resfused_cuda: op must be 'forward_train' or 'backward', got '", std::string(op), "'");
   }
+  char est[32];
+  std::snprintf(est, sizeof(est), " est_us=%.1f", estimated_us(in.shape, p, op == "backward"));
   if (p.scheme == Scheme::kPersistent) {
     return "persistent grid=" + std::to_string(p.grid) + " threads=" + std::to_string(p.threads) +
            " smem=" + std::to_string(p.smem) + " cache_iters=" + std::to_string(p.cache_iters) +
-           " iters=" + std::to_string(p.iters);
+           " iters=" + std::to_string(p.iters) + est;
   }
-  return "two_pass tiles=" + std::to_string(p.num_tiles) + " splits=" + std::to_string(p.splits);
+  return "two_pass tiles=" + std::to_string(p.num_tiles) + " splits=" + std::to_string(p.splits) + est;
 }
 
 }  // namespace

@@ -55,8 +55,10 @@ class SimError(RuntimeError):
 @dataclass(frozen=True)
 class Device:
     """The simulated device: planner inputs and the launch-time co-residency check. Register counts per
-    thread are assumptions (64 for both kernel kinds); ``launch_persistent_regs`` larger than
-    ``persistent_regs`` makes planned cooperative launches fail at launch (tests of the fallback)."""
+    thread are assumptions (64 for every kernel kind: the two-pass reductions, the two-pass elementwise
+    kernels, the persistent kernels; bench/results/static/sm90.json has what ptxas gives each);
+    ``launch_persistent_regs`` larger than ``persistent_regs`` makes planned cooperative launches fail at
+    launch (tests of the fallback). ``l2_bytes`` feeds the planner's cost model (re-read hits)."""
     sms: int = 132
     smem_per_sm: int = 233472
     smem_optin: int = 232448
@@ -65,7 +67,9 @@ class Device:
     threads_per_sm: int = 2048
     max_blocks_per_sm: int = 32
     cooperative: bool = True
+    l2_bytes: int = 50331648
     reduce_regs: int = 64
+    elementwise_regs: int = 64
     persistent_regs: int = 64
     launch_persistent_regs: int = 64
 
@@ -228,9 +232,10 @@ def _apply(lib) -> None:
         return
     d = s.device
     if _applied is None or _applied.device != d:
-        props = (ctypes.c_int * 8)(d.sms, d.smem_per_sm, d.smem_optin, d.smem_reserved, d.regs_per_sm,
-                                   d.threads_per_sm, d.max_blocks_per_sm, int(d.cooperative))
-        _check(lib.rf_sim_configure(props, d.reduce_regs, d.persistent_regs, d.launch_persistent_regs), lib)
+        props = (ctypes.c_int * 9)(d.sms, d.smem_per_sm, d.smem_optin, d.smem_reserved, d.regs_per_sm,
+                                   d.threads_per_sm, d.max_blocks_per_sm, int(d.cooperative), d.l2_bytes)
+        _check(lib.rf_sim_configure(props, d.reduce_regs, d.elementwise_regs, d.persistent_regs,
+                                    d.launch_persistent_regs), lib)
     _check(lib.rf_sim_set_run(_ORDER_CODES[s.order], ctypes.c_uint64(s.seed), int(s.races), int(s.bounds)), lib)
     _applied = s
 
@@ -367,10 +372,49 @@ def plan(x: Tensor, op: str) -> str:
         raise RuntimeError(f"resfused_cuda_sim: op must be 'forward_train' or 'backward', got '{op}'")
     with _lock:
         _apply(lib)
-        p = _plan(lib, 0 if op == "forward_train" else 1, _shape(x))
+        shape = _shape(x)
+        p = _plan(lib, 0 if op == "forward_train" else 1, shape)
+        cost = (ctypes.c_double * 4)()
+        _check(lib.rf_sim_plan_cost(0 if op == "forward_train" else 1, *_dims(shape), p, cost), lib)
     if p[0] == 2:
-        return f"persistent grid={p[5]} threads={p[6]} smem={p[7]} cache_iters={p[8]} iters={p[9]}"
-    return f"two_pass tiles={p[2]} splits={p[3]}"
+        return (f"persistent grid={p[5]} threads={p[6]} smem={p[7]} cache_iters={p[8]} iters={p[9]} "
+                f"est_us={cost[0]:.1f}")
+    return f"two_pass tiles={p[2]} splits={p[3]} est_us={cost[0]:.1f}"
+
+
+_PLAN_FIELDS = ("scheme", "workspace_floats", "num_tiles", "splits", "per_block", "grid", "threads", "smem",
+                "cache_iters", "iters")
+
+
+def planner(shape: tuple, dtype: torch.dtype, layout: str, op: str, scheme: str = "auto") -> dict:
+    """What the planner decides for a (N, C, H, W) shape without a tensor (any size): the plan of
+    ``scheme`` (auto | two_pass | persistent) for ``op`` (forward_train, or backward in training with the
+    input's gradient) on the simulated device, with the cost model's estimate of it (plan.h):
+    ``{"scheme": "two_pass" | "persistent", <plan fields>, "us", "hbm_bytes", "launches", "grid_syncs"}``.
+    RESFUSED_CUDA_PERSISTENT_CACHE_BYTES applies, as in a call."""
+    if op not in ("forward_train", "backward"):
+        raise ValueError(f"cuda_sim.planner: op must be 'forward_train' or 'backward', got {op!r}")
+    if scheme not in _SCHEME_CODES:
+        raise ValueError(f"cuda_sim.planner: scheme must be one of {tuple(_SCHEME_CODES)}, got {scheme!r}")
+    if layout not in ("nchw", "cl"):
+        raise ValueError(f"cuda_sim.planner: layout must be 'nchw' or 'cl', got {layout!r}")
+    if dtype not in _DTYPE_CODES:
+        raise ValueError(f"cuda_sim.planner: dtype must be float32, float16 or bfloat16, got {dtype}")
+    n, c, h, w = shape
+    dims = (_DTYPE_CODES[dtype], 1 if layout == "cl" else 0, n, c, h * w)
+    lib = _library()
+    op_code = 0 if op == "forward_train" else 1
+    cost = (ctypes.c_double * 4)()
+    with _lock:
+        _apply(lib)
+        p = (ctypes.c_int64 * 10)()
+        _check(lib.rf_sim_plan(op_code, *_dims(dims), _SCHEME_CODES[scheme], ctypes.c_int64(_cache_cap()), 1, 1, 1,
+                               p), lib)
+        _check(lib.rf_sim_plan_cost(op_code, *_dims(dims), p, cost), lib)
+    out = dict(zip(_PLAN_FIELDS, (int(v) for v in p)))
+    out["scheme"] = "persistent" if out["scheme"] == 2 else "two_pass"
+    out.update(us=cost[0], hbm_bytes=cost[1], launches=int(cost[2]), grid_syncs=int(cost[3]))
+    return out
 
 
 def forward_train(x, residual, weight, bias, running_mean, running_var, momentum, eps, relu):

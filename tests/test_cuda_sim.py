@@ -234,7 +234,7 @@ def test_several_splits(scheme, shape):
         assert plan.startswith("persistent grid=") and int(plan.split("grid=")[1].split()[0]) > (
             1 if layout == "cl" else 3), plan
     else:
-        assert plan.startswith("two_pass") and int(plan.split("splits=")[1]) > 1, plan
+        assert plan.startswith("two_pass") and int(plan.split("splits=")[1].split()[0]) > 1, plan
     _train_case(shape, torch.float16, layout)
 
 
@@ -421,6 +421,9 @@ def test_refused_cooperative_launch_falls_back_and_is_remembered(monkeypatch, la
     dev = dataclasses.replace(sim.H100, sms=8, launch_persistent_regs=255)
     with sim.settings(device=dev):
         assert sim.plan(x, "forward_train").startswith("persistent")
+        monkeypatch.setenv("RESFUSED_CUDA_SCHEME", "auto")
+        assert sim.plan(x, "forward_train").startswith("persistent")
+        monkeypatch.setenv("RESFUSED_CUDA_SCHEME", "persistent")
         before = sim.kernel_counts()
         _train_case(shape, torch.float32, layout)
         after = sim.kernel_counts()
@@ -431,6 +434,9 @@ def test_refused_cooperative_launch_falls_back_and_is_remembered(monkeypatch, la
         assert sim.plan(x, "forward_train").startswith("two_pass")  # remembered for the shape
         assert sim.plan(x, "backward").startswith("two_pass")
         _train_case(shape, torch.float32, layout)  # later calls run two-pass at once
+        monkeypatch.setenv("RESFUSED_CUDA_SCHEME", "auto")  # its cost model picked persistent before the refusal
+        assert sim.plan(x, "forward_train").startswith("two_pass")
+        assert sim.plan(x, "backward").startswith("two_pass")
 
 
 _REFUSAL_PROBE = r"""

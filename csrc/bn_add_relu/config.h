@@ -12,6 +12,10 @@ constexpr int kFinalizeTX = 32;          // finalize kernels: 32 channels x 16 s
 constexpr int kFinalizeTY = 16;
 constexpr int kApplyBatches = 2;         // two-pass elementwise kernels: batches of U groups per thread
 constexpr int kMinStepsPerThread = 4;    // two-pass reductions: fewest groups per thread worth a split
+// groups each thread loads from one tensor before their first use (elements.cuh's E::kBatch; the
+// planner's cost model counts them as bytes in flight): fp32 2 x 32 bytes, 16-bit 4 x 16 bytes
+constexpr int kBatchF32 = 2;
+constexpr int kBatch16 = 4;
 
 // Shared per-channel parameter fields of the channels_last kernels: apply (mean, scale, shift),
 // backward reduce (mean, k = w * invstd), dx (mean, invstd, k, a, b).

@@ -13,21 +13,21 @@ namespace resfused {
 namespace {
 struct F32 {
   using Bits = uint32_t;
-  static constexpr int kBatch = 2;  // groups in flight per thread: 2 x 32 bytes
+  static constexpr int kBatch = kBatchF32;  // groups in flight per thread (config.h)
   static __device__ __forceinline__ float to_float(Bits b) { return __uint_as_float(b); }
   static __device__ __forceinline__ Bits from_float(float v) { return __float_as_uint(v); }
 };
 
 struct F16 {
   using Bits = uint16_t;
-  static constexpr int kBatch = 4;  // 4 x 16 bytes
+  static constexpr int kBatch = kBatch16;
   static __device__ __forceinline__ float to_float(Bits b) { return __half2float(__ushort_as_half(b)); }
   static __device__ __forceinline__ Bits from_float(float v) { return __half_as_ushort(__float2half_rn(v)); }
 };
 
 struct BF16 {
   using Bits = uint16_t;
-  static constexpr int kBatch = 4;
+  static constexpr int kBatch = kBatch16;
   static __device__ __forceinline__ float to_float(Bits b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
   static __device__ __forceinline__ Bits from_float(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
 };

@@ -209,6 +209,10 @@ Kernel planned_kernel(const KernelRef& k) {
     if (k.backward) return k.cl ? &cl_bwd_persistent_kernel<E> : &nchw_bwd_persistent_kernel<E>;
     return k.cl ? &cl_fwd_persistent_kernel<E> : &nchw_fwd_persistent_kernel<E>;
   }
+  if (k.role == KernelRole::kElementwise) {
+    if (k.backward) return k.cl ? &cl_dx_kernel<E> : &nchw_dx_kernel<E>;
+    return k.cl ? &cl_apply_kernel<E> : &nchw_apply_kernel<E>;
+  }
   if (k.backward) return k.cl ? &cl_bwd_reduce_kernel<E> : &nchw_bwd_reduce_kernel<E>;
   return k.cl ? &cl_stats_kernel<E> : &nchw_stats_kernel<E>;
 }

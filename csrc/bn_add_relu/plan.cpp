@@ -3,6 +3,7 @@
 #include "plan.h"
 
 #include <algorithm>
+#include <vector>
 
 #include "config.h"
 
@@ -81,10 +82,6 @@ ElementwiseGrid elementwise_grid(const Geo& g, int batch) {
     e.block_x = kThreads;
   }
   return e;
-}
-
-Scheme resolve(Scheme requested) {
-  return requested == Scheme::kTwoPass ? Scheme::kTwoPass : Scheme::kPersistent;
 }
 
 void plan_two_pass(const Shape& s, bool backward, const PlanTarget& target, Plan& plan) {
@@ -184,28 +181,127 @@ bool plan_persistent(const Shape& s, bool backward, int64_t cache_cap, const Pla
   return have_partial;
 }
 
+namespace {
+
+int batch_of(DType t) { return t == DType::kFloat ? kBatchF32 : kBatch16; }
+
+// One streaming phase of a kernel (see CostModel in plan.h).
+struct Phase {
+  double hbm_bytes = 0, sm_bytes = 0;  // through HBM; through the SMs (HBM and L2)
+  int64_t blocks = 0;
+  int threads = 0, occ = 1;  // threads per block; co-resident blocks per SM
+  int streams = 1;           // tensors each thread loads from
+};
+
+double phase_us(const Phase& ph, const Shape& s, const DeviceProps& d, const CostModel& m) {
+  if (ph.blocks <= 0 || ph.sm_bytes <= 0) return 0;
+  const double memory = ph.hbm_bytes / m.hbm_bytes_per_us;
+  const int64_t per_sm = ceil_div(ph.blocks, std::max(d.sms, 1));
+  const int64_t resident = std::min<int64_t>(per_sm, std::max(ph.occ, 1));
+  const double busiest = ph.sm_bytes * static_cast<double>(per_sm) / static_cast<double>(ph.blocks);
+  const double in_flight = static_cast<double>(resident) * ph.threads * std::max(ph.streams, 1) * batch_of(s.dtype) *
+                           kGroup * esize(s.dtype);
+  return std::max(memory, busiest * m.latency_us / in_flight);
+}
+
+}  // namespace
+
+CostEstimate estimate_cost(const Shape& s, const Plan& plan, bool backward, const PlanTarget& target,
+                           const CostModel& m) {
+  CostEstimate e;
+  const Geo g = geometry(s);
+  const DeviceProps& d = target.props();
+  const double elems = static_cast<double>(s.n) * static_cast<double>(s.c) * static_cast<double>(s.hw);
+  const double X = elems * esize(s.dtype);  // one pass over an (N, C, H, W) tensor
+  const double mask = elems / kGroup;       // the packed ReLU mask
+  std::vector<Phase> phases;
+  if (plan.scheme == Scheme::kPersistent) {
+    const KernelRef k{s.dtype, g.cl, backward, KernelRole::kPersistent};
+    Phase ph;
+    ph.blocks = plan.grid;
+    ph.threads = plan.threads;
+    ph.occ = target.occupancy(k, plan.threads, plan.smem);
+    // re-read: the groups past cache_iters of every thread (x; backward also g)
+    const double uncached = plan.iters > 0 ? 1.0 - static_cast<double>(plan.cache_iters) / plan.iters : 0.0;
+    const double reread = uncached * X * (backward ? 2 : 1);
+    const double reread_hbm = std::max(0.0, reread - 0.5 * static_cast<double>(d.l2_bytes));
+    // reduce phase: forward reads x; backward reads dy, the mask and x and writes g
+    ph.hbm_bytes = ph.sm_bytes = backward ? 3 * X + mask : X;
+    ph.streams = backward ? 2 : 1;
+    phases.push_back(ph);
+    // elementwise phase: forward re-reads, reads the residual, writes y and the mask; backward re-reads
+    // and writes dx
+    const double rest = backward ? X : 2 * X + mask;
+    ph.hbm_bytes = reread_hbm + rest;
+    ph.sm_bytes = reread + rest;
+    ph.streams = backward ? (reread > 0 ? 2 : 1) : 1 + (reread > 0);  // stores need no loads in flight
+    phases.push_back(ph);
+    e.launches = 1;
+    e.grid_syncs = 1;
+  } else {
+    int tx = 1, ty = kThreads;
+    if (g.cl) {
+      tx = cl_tx(g.gpr);
+      ty = kThreads / tx;
+    }
+    Phase red;
+    red.blocks = static_cast<int64_t>(plan.num_tiles) * plan.splits;
+    red.threads = kThreads;
+    red.occ = target.occupancy(KernelRef{s.dtype, g.cl, backward, KernelRole::kReduce}, kThreads,
+                               static_cast<size_t>(tree_floats(g, tx, ty, backward)) * sizeof(float));
+    red.hbm_bytes = red.sm_bytes = backward ? 3 * X + mask : X;  // forward: x; backward: dy, mask, x, g written
+    red.streams = backward ? 2 : 1;
+    phases.push_back(red);
+    const ElementwiseGrid eg = elementwise_grid(g, batch_of(s.dtype));
+    Phase el;
+    el.blocks = static_cast<int64_t>(eg.grid_x) * eg.grid_y;
+    el.threads = static_cast<int>(eg.block_x * eg.block_y);
+    el.occ = target.occupancy(KernelRef{s.dtype, g.cl, backward, KernelRole::kElementwise}, el.threads, 0);
+    el.hbm_bytes = el.sm_bytes = backward ? 3 * X : 3 * X + mask;  // g and x read, dx written; x and r, y, mask
+    el.streams = 2;
+    phases.push_back(el);
+    e.launches = 3;  // with the finalize kernel between them
+  }
+  for (const Phase& ph : phases) {
+    e.us += phase_us(ph, s, d, m);
+    e.hbm_bytes += ph.hbm_bytes;
+  }
+  e.us += e.launches * m.launch_us + e.grid_syncs * m.grid_sync_us;
+  return e;
+}
+
+namespace {
+
+// The scheme a request runs: two-pass unless asked for (or, under auto, estimated cheaper) and feasible.
+Plan choose(const Shape& s, Scheme requested, bool backward, bool persistent_allowed, int64_t cache_cap,
+            const PlanTarget& target) {
+  Plan two;
+  plan_two_pass(s, backward, target, two);
+  if (requested == Scheme::kTwoPass || !persistent_allowed) return two;
+  Plan pers;
+  if (!plan_persistent(s, backward, cache_cap, target, pers)) return two;
+  if (requested == Scheme::kPersistent) return pers;
+  return estimate_cost(s, pers, backward, target).us <= estimate_cost(s, two, backward, target).us ? pers : two;
+}
+
+}  // namespace
+
 Plan make_forward_train_plan(const Shape& s, Scheme requested, int64_t cache_cap, const PlanTarget& target) {
-  Plan plan;
-  if (resolve(requested) == Scheme::kPersistent && plan_persistent(s, false, cache_cap, target, plan)) return plan;
-  plan_two_pass(s, false, target, plan);
-  return plan;
+  return choose(s, requested, false, true, cache_cap, target);
 }
 
 Plan make_backward_plan(const Shape& s, Scheme requested, bool training, bool need_input_grad, bool need_weight_grad,
                         int64_t cache_cap, const PlanTarget& target) {
   const bool train_dx = training && need_input_grad;
   const bool sums = need_weight_grad || train_dx;
-  Plan plan;
-  if (train_dx && resolve(requested) == Scheme::kPersistent && plan_persistent(s, true, cache_cap, target, plan))
-    return plan;
-  plan_two_pass(s, true, target, plan);
-  if (!sums) plan.workspace_floats = 0;
+  Plan plan = choose(s, requested, true, train_dx, cache_cap, target);
+  if (plan.scheme == Scheme::kTwoPass && !sums) plan.workspace_floats = 0;
   return plan;
 }
 
 PlanCache::Key PlanCache::key(const Shape& s, Scheme requested, int64_t cache_cap, int kind) {
   return Key{static_cast<int>(s.dtype), static_cast<int>(s.layout), s.n, s.c, s.hw, s.device,
-             static_cast<int>(resolve(requested)), cache_cap, kind};
+             static_cast<int>(requested), cache_cap, kind};
 }
 
 Plan PlanCache::get(const Key& key, const std::function<Plan()>& make) {
@@ -242,7 +338,8 @@ Plan refuse_persistent(PlanCache& cache, const Shape& s, bool backward, bool tra
                                                  cache_cap, target)
                             : make_forward_train_plan(s, Scheme::kTwoPass, cache_cap, target);
   const int kind = backward ? backward_kind(training, need_input_grad, need_weight_grad) : 0;
-  cache.put(PlanCache::key(s, Scheme::kPersistent, cache_cap, kind), two);
+  for (Scheme requested : {Scheme::kPersistent, Scheme::kAuto})
+    cache.put(PlanCache::key(s, requested, cache_cap, kind), two);
   return two;
 }
 

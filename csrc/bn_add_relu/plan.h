@@ -24,10 +24,12 @@ struct DeviceProps {
   int threads_per_sm = 0;     // resident threads per SM
   int max_blocks_per_sm = 0;  // resident blocks per SM
   bool coop = false;          // cooperative launches supported
+  int64_t l2_bytes = 0;       // L2 cache, bytes (the cost model's re-read hits)
 };
 
-// The kernels the planner asks about: the reduction of the two-pass scheme or the persistent kernel.
-enum class KernelRole : int { kReduce = 0, kPersistent = 1 };
+// The kernels the planner asks about: the two-pass scheme's reduction (statistics or backward sums) and
+// its elementwise kernel (apply or dx), or the persistent kernel.
+enum class KernelRole : int { kReduce = 0, kPersistent = 1, kElementwise = 2 };
 struct KernelRef {
   DType dtype;
   bool cl, backward;
@@ -79,8 +81,43 @@ struct ElementwiseGrid {
 };
 ElementwiseGrid elementwise_grid(const Geo& g, int batch);
 
-// kAuto resolves to kPersistent (where feasible; see csrc/bn_add_relu.cu).
-Scheme resolve(Scheme requested);
+// ---- the cost model behind `auto`
+//
+// `auto` plans both schemes and runs the one with the smaller estimated time. A kernel is a sequence of
+// streaming phases separated by launches (two-pass: reduce | finalize | elementwise) or grid-wide syncs
+// (persistent: reduce phase | merge and elementwise phase). A phase's time is the larger of two floors:
+//   memory:   its HBM bytes / hbm_bytes_per_us (re-reads of the persistent scheme that fit in half the
+//             L2 are taken as L2 hits: through the SMs but not HBM);
+//   the SMs:  the bytes of the busiest SM (ceil(blocks / SMs) blocks' share) over the rate its resident
+//             threads sustain, bytes in flight / latency_us (Little's law), bytes in flight = resident
+//             blocks x threads x tensors loaded x the groups each thread loads before their first use
+//             (config.h's kBatch: 64 bytes). Idle SMs (an NCHW persistent grid of C blocks), low
+//             occupancy (the occupancy query, so registers count) and few bytes in flight show here.
+// Each launch adds launch_us, each grid-wide sync grid_sync_us. Bytes count the op's full form (residual
+// read, ReLU mask written, the residual's gradient written), for the shape only: the plan is cached per
+// shape. The constants are H100 SXM assumptions (datasheet bandwidth less a copy's efficiency, a loaded
+// latency, launch gaps), not measurements: on a GPU, bench/bench_bn_add_relu.py's resfused-cuda rows record
+// the plan with its est_us (bn_add_relu_plan) beside the measured time, to calibrate them; with
+// RESFUSED_CUDA_SCHEME=two_pass or persistent they time either scheme. Those two force a scheme
+// (persistent where feasible), whatever the model says.
+struct CostModel {
+  double hbm_bytes_per_us = 3.0e6;  // 3.0 TB/s of H100 SXM's 3.35
+  double latency_us = 0.8;          // a load's latency under load
+  double launch_us = 2.0;           // gap, ramp and drain of one dependent kernel
+  double grid_sync_us = 1.0;        // one cooperative grid-wide barrier
+};
+
+struct CostEstimate {
+  double us = 0;           // estimated time
+  double hbm_bytes = 0;    // bytes through HBM
+  int launches = 0, grid_syncs = 0;
+};
+
+// The estimate for running plan (either scheme) on s: forward training (backward false) or the training
+// backward with the input's gradient (backward true). Pure: a function of the shape, the plan, the
+// target's occupancy answers and the model.
+CostEstimate estimate_cost(const Shape& s, const Plan& plan, bool backward, const PlanTarget& target,
+                           const CostModel& model = CostModel());
 
 // Two-pass partition of the reduction: enough blocks for one full wave.
 void plan_two_pass(const Shape& s, bool backward, const PlanTarget& target, Plan& plan);

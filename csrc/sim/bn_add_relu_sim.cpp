@@ -26,12 +26,13 @@ namespace resfused {
 namespace {
 
 // Simulated device. Register counts per thread are assumptions (the host compiler cannot tell what
-// ptxas allocates): 64 for the 256-thread two-pass kernels, 64 for the persistent kernels (their
-// __launch_bounds__(512, 1) allows up to 128). launch_persistent_regs is what the launch-time
+// ptxas allocates): 64 for the 256-thread two-pass kernels (reduce, elementwise), 64 for the
+// persistent kernels (their __launch_bounds__(512, 1) allows up to 128; bench/results/static/sm90.json
+// has what ptxas gives each). launch_persistent_regs is what the launch-time
 // co-residency check uses: tests raise it above the planner's to make a planned cooperative launch fail.
 struct SimDevice {
-  DeviceProps props{132, 233472, 232448, 1024, 65536, 2048, 32, true};
-  int reduce_regs = 64, persistent_regs = 64, launch_persistent_regs = 64;
+  DeviceProps props{132, 233472, 232448, 1024, 65536, 2048, 32, true, 50331648};
+  int reduce_regs = 64, elementwise_regs = 64, persistent_regs = 64, launch_persistent_regs = 64;
 };
 
 SimDevice g_device;
@@ -51,7 +52,9 @@ class SimTarget final : public PlanTarget {
   const DeviceProps& props() const override { return g_device.props; }
   int static_smem(const KernelRef& k) const override { return static_smem_of(k); }
   int occupancy(const KernelRef& k, int threads, size_t dyn_smem) const override {
-    const int regs = k.role == KernelRole::kPersistent ? g_device.persistent_regs : g_device.reduce_regs;
+    const int regs = k.role == KernelRole::kPersistent    ? g_device.persistent_regs
+                     : k.role == KernelRole::kElementwise ? g_device.elementwise_regs
+                                                          : g_device.reduce_regs;
     return modelled_occupancy(g_device.props, regs, static_smem_of(k), threads, dyn_smem);
   }
 };
@@ -241,7 +244,8 @@ extern "C" {
 
 const char* rf_sim_error() { return g_error.c_str(); }
 
-int rf_sim_configure(const int* props, int reduce_regs, int persistent_regs, int launch_persistent_regs) {
+int rf_sim_configure(const int* props, int reduce_regs, int elementwise_regs, int persistent_regs,
+                     int launch_persistent_regs) {
   return guarded([&] {
     DeviceProps d;
     d.sms = props[0];
@@ -252,8 +256,10 @@ int rf_sim_configure(const int* props, int reduce_regs, int persistent_regs, int
     d.threads_per_sm = props[5];
     d.max_blocks_per_sm = props[6];
     d.coop = props[7] != 0;
+    d.l2_bytes = props[8];
     g_device.props = d;
     g_device.reduce_regs = reduce_regs;
+    g_device.elementwise_regs = elementwise_regs;
     g_device.persistent_regs = persistent_regs;
     g_device.launch_persistent_regs = launch_persistent_regs;
     g_plans.clear();
@@ -289,6 +295,22 @@ int rf_sim_plan(int op, int dtype, int layout, int64_t n, int64_t c, int64_t hw,
     const Plan p = plan_for(make_shape(dtype, layout, n, c, hw), op, make_scheme(scheme), cache_cap, training != 0,
                             need_input_grad != 0, need_weight_grad != 0);
     plan_to_array(p, out);
+    return 0;
+  });
+}
+
+// The planner's cost estimate (plan.h) of running plan (10 int64, plan_to_array) for op (0: forward_train,
+// 1: the training backward with the input's gradient) on the simulated device. out: us, HBM bytes,
+// launches, grid syncs.
+int rf_sim_plan_cost(int op, int dtype, int layout, int64_t n, int64_t c, int64_t hw, const int64_t* plan,
+                     double* out) {
+  return guarded([&] {
+    const CostEstimate e = estimate_cost(make_shape(dtype, layout, n, c, hw), plan_from_array(plan), op != 0,
+                                         SimTarget());
+    out[0] = e.us;
+    out[1] = e.hbm_bytes;
+    out[2] = e.launches;
+    out[3] = e.grid_syncs;
     return 0;
   });
 }
