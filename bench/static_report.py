@@ -799,16 +799,21 @@ def _nvcc_version() -> str:
         return "no nvcc"
 
 
-def check_failures(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """What ``--check`` fails on: rows whose kernel did not compile, and rows of a config in use that spill."""
+def check_failures(rows: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """What ``--check`` fails on: rows whose kernel did not compile, rows of a config in use that spill, and rows
+    of a config in use whose main loop drains its pipeline in an enclosing loop (drain_waits: the conv K loop
+    is one loop over (tap, channel block), issue 15)."""
     errors = [r for r in rows if r.get("error")]
-    spills = [r for r in rows if r.get("in_use") and not r.get("error") and r.get("spills", 0) > 0]
-    return errors, spills
+    ok = [r for r in rows if r.get("in_use") and not r.get("error")]
+    spills = [r for r in ok if r.get("spills", 0) > 0]
+    drains = [r for r in ok if (r.get("drain_waits") or 0) > 0]
+    return errors, spills, drains
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="CI subset; exit 1 on a compile error or in-use spill")
+    ap.add_argument("--check", action="store_true",
+                    help="CI subset; exit 1 on a compile error, an in-use spill or an in-use pipeline drain")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/static/sm90.json; "
                                                 "with --check nothing is written unless given)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -890,15 +895,19 @@ def main(argv=None) -> int:
         with open(os.path.splitext(out)[0] + ".md", "w") as f:
             f.write(markdown(doc))
         print(f"wrote {out} and its .md")
-    errors, spills = check_failures(rows)
+    errors, spills, drains = check_failures(rows)
     for r in errors:
         print(f"COMPILE ERROR {r['backend']} {r['kernel']} {r['dtype']} {r['layout']} {r['config']} {r['shape']}:\n"
               f"  {r['error'][:1500]}", file=sys.stderr)
     for r in spills:
         print(f"SPILL {r['backend']} {r['kernel']} {r['dtype']} {r['layout']} [{r['config']}] {r['shape']}: "
               f"{r['spills']} B spill stores, {r['regs']} regs", file=sys.stderr)
-    print(f"{len(rows)} rows in {seconds:.1f} s ({cpu:.0f} CPU-seconds): {len(errors)} compile errors, {len(spills)} in-use rows spill")
-    if args.check and (errors or spills):
+    for r in drains:
+        print(f"DRAIN {r['backend']} {r['kernel']} {r['dtype']} {r['layout']} [{r['config']}] {r['shape']}: "
+              f"{r['drain_waits']} waits outside the main loop (loop depth {r['loop_depth']})", file=sys.stderr)
+    print(f"{len(rows)} rows in {seconds:.1f} s ({cpu:.0f} CPU-seconds): {len(errors)} compile errors, "
+          f"{len(spills)} in-use rows spill, {len(drains)} in-use rows drain their pipeline per outer iteration")
+    if args.check and (errors or spills or drains):
         return 1
     return 0
 

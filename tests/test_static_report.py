@@ -106,13 +106,16 @@ __global__ void __launch_bounds__(512, 1) c_kernel(KParams p) {}
     assert sr._launch_threads(src) == {"a_kernel": 256, "b_kernel": 512, "c_kernel": 512}
 
 
-def test_check_fails_on_compile_errors_and_spilling_configs_in_use():
-    ok = {"kernel": "k", "in_use": True, "spills": 0, "error": None}
+def test_check_fails_on_compile_errors_and_spilling_or_draining_configs_in_use():
+    ok = {"kernel": "k", "in_use": True, "spills": 0, "error": None, "drain_waits": None}
     rows = [ok,
             dict(ok, kernel="spills", spills=8),                  # in use and spilling: fails the check
             dict(ok, kernel="spare", in_use=False, spills=520),  # spills, but no launcher uses it
+            dict(ok, kernel="drains", drain_waits=2),             # pipeline drained per outer iteration
+            dict(ok, kernel="spare_drain", in_use=False, drain_waits=2),
             dict(ok, kernel="broken", error="ptxas fatal", spills=None)]
-    errors, spills = sr.check_failures(rows)
+    errors, spills, drains = sr.check_failures(rows)
     assert [r["kernel"] for r in errors] == ["broken"]
     assert [r["kernel"] for r in spills] == ["spills"]
-    assert sr.check_failures([ok, dict(ok, in_use=False, spills=4)]) == ([], [])
+    assert [r["kernel"] for r in drains] == ["drains"]
+    assert sr.check_failures([ok, dict(ok, in_use=False, spills=4), dict(ok, drain_waits=0)]) == ([], [], [])

@@ -10,8 +10,9 @@ projection shortcut of a ResNet block (1x1 conv, stride s): it accumulates into 
 shortcut's output never goes to memory (a dual GEMM with one epilogue).
 
 Two K loops, picked by the launcher:
-  * channel loop (C_in per group >= 16): for each filter tap (kh, kw), the row offsets and the padding mask are
-    computed once per row, then BLOCK_K channels are streamed with a pointer bump: no per-element index math.
+  * channel loop (C_in per group >= 16): one loop over (filter tap, block of BLOCK_K channels), tap-major
+    (_tap_channels): the row offsets and the padding mask are per row and step, the channels a pointer bump,
+    no per-element index math; the software pipeline runs across taps.
   * flat-K loop (the 7x7 stem with C_in = 3, tiny groups): k runs over (kh, kw, c) jointly so the tensor cores
     are not fed 13/16 zeros; the gather decodes k per column and masks padding per element.
 
@@ -112,6 +113,20 @@ def _k_range(BLOCK_K: tl.constexpr, INDEX64: tl.constexpr):
 
 
 @triton.jit
+def _tap_channels(t, n_cb, KH: tl.constexpr, KW: tl.constexpr, rk, BLOCK_K: tl.constexpr):
+    """Step t of the channel loop, one K loop over (filter tap, channel block) with n_cb channel blocks per
+    tap, tap-major: (kh, kw, the block's channels c0 + rk). One loop, not a loop over taps around a loop over
+    channel blocks, so the software pipeline runs across taps instead of draining at each (a 3x3 conv over
+    64 channels has 2 blocks per tap); the order of summation is the nested loops' (same bits). A 1x1 filter
+    has one tap: kh = kw = 0 as constants, so the row offsets stay out of the loop."""
+    if KH * KW == 1:
+        return 0, 0, t * BLOCK_K + rk
+    tap = t // n_cb
+    c = (t - tap * n_cb) * BLOCK_K + rk
+    return tap // KW, tap % KW, c
+
+
+@triton.jit
 def _conv_bias_act_kernel(
         x_ptr, w_ptr, bias_ptr, res_ptr, x2_ptr, w2_ptr, y_ptr,
         M, M_BUCKET, H, W, C_IN_G, HO, WO, C_OUT_G, C2,
@@ -154,20 +169,18 @@ def _conv_bias_act_kernel(
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP64)
     else:
-        for tap in range(0, KH * KW):
-            kh = tap // KW
-            kw = tap % KW
+        n_cb = tl.cdiv(C_IN_G, BLOCK_K)
+        for t in range(0, KH * KW * n_cb):
+            kh, kw, c = _tap_channels(t, n_cb, KH, KW, rk, BLOCK_K)
             ih = ih0 + kh * DIL_H
             iw = iw0 + kw * DIL_W
             row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_ptrs = x_rows + ih * sxh + iw * sxw
-            b_ptrs = w_cols + kh * swh + kw * sww
-            for c0 in range(0, C_IN_G, BLOCK_K):
-                c = c0 + rk
-                c_ok = c < C_IN_G
-                a = tl.load(a_ptrs[:, None] + (c * sxc)[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs[None, :] + (c * swi)[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP64)
+            c_ok = c < C_IN_G
+            a = tl.load((x_rows + ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :],
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load((w_cols + kh * swh + kw * sww)[None, :] + (c * swi)[:, None],
+                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP64)
 
     if HAS_SC:
         # Projection shortcut: 1x1 conv with stride SC_STRIDE, no padding, same output pixel grid.

@@ -71,7 +71,7 @@ import triton
 import triton.language as tl
 
 from .conv_bias_act import (_FLAT_K_BELOW, _PRUNE, _gemm_tile, _gpu_configs, _k_range, _mma, _out_size, _pixel,
-                            index64, input_precision, on_device)
+                            _tap_channels, index64, input_precision, on_device)
 
 Tensor = torch.Tensor
 
@@ -137,22 +137,19 @@ def _conv_bn_fwd_kernel(
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP64)
     else:
-        for tap in range(0, KH * KW):
-            kh = tap // KW
-            kw = tap % KW
+        n_cb = tl.cdiv(C_IN_G, BLOCK_K)
+        for t in range(0, KH * KW * n_cb):
+            kh, kw, c = _tap_channels(t, n_cb, KH, KW, rk, BLOCK_K)
             ih = ih0 + kh * DIL_H
             iw = iw0 + kw * DIL_W
             row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_ptrs = x_rows + ih * sxh + iw * sxw
-            b_ptrs = w_cols + kh * swh + kw * sww
-            for c0 in range(0, C_IN_G, BLOCK_K):
-                c = c0 + rk
-                c_ok = c < C_IN_G
-                a_mask = row_ok[:, None] & c_ok[None, :]
-                a = tl.load(a_ptrs[:, None] + (c * sxc)[None, :], mask=a_mask, other=0.0)
-                a = _prologue(a, c, c_ok, a_mask, pro_mean, pro_scale, pro_shift, PROLOGUE)
-                b = tl.load(b_ptrs[None, :] + (c * swi)[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP64)
+            c_ok = c < C_IN_G
+            a_mask = row_ok[:, None] & c_ok[None, :]
+            a = tl.load((x_rows + ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :], mask=a_mask, other=0.0)
+            a = _prologue(a, c, c_ok, a_mask, pro_mean, pro_scale, pro_shift, PROLOGUE)
+            b = tl.load((w_cols + kh * swh + kw * sww)[None, :] + (c * swi)[:, None],
+                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _mma(a, b, acc, INPUT_PRECISION, DOT_IN_FP64)
 
     out_mask = m_ok[:, None] & n_ok[None, :]
     y_ptrs = y_ptr + (img64 * syn + oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
@@ -456,23 +453,22 @@ def _conv_bn_dgrad_kernel(
     rk = _k_range(BLOCK_K, INDEX64)
     ci = grp * C_IN_G + rn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(0, KH * KW):
-        kh = tap // KW
-        kw = tap % KW
+    n_cb = tl.cdiv(C_OUT_G, BLOCK_K)
+    for t in range(0, KH * KW * n_cb):
+        kh, kw, cg = _tap_channels(t, n_cb, KH, KW, rk, BLOCK_K)
         oh_num = ih + PAD_H - kh * DIL_H
         ow_num = iw + PAD_W - kw * DIL_W
         oh = oh_num // STRIDE_H
         ow = ow_num // STRIDE_W
         row_ok = (m_ok & (oh_num >= 0) & (ow_num >= 0) & (oh_num % STRIDE_H == 0) & (ow_num % STRIDE_W == 0)
                   & (oh < HO) & (ow < WO))
-        g_rows = dy_ptr + img64 * sdn + oh * sdh + ow * sdw
-        for c0 in range(0, C_OUT_G, BLOCK_K):
-            co = grp * C_OUT_G + c0 + rk
-            co_ok = (c0 + rk) < C_OUT_G
-            g = tl.load(g_rows[:, None] + (co * sdc)[None, :], mask=row_ok[:, None] & co_ok[None, :], other=0.0)
-            wt = tl.load(w_ptr + (co * swo)[:, None] + (rn * swi)[None, :] + kh * swh + kw * sww,
-                         mask=co_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = _mma(g, wt, acc, INPUT_PRECISION, DOT_IN_FP64)
+        co = grp * C_OUT_G + cg
+        co_ok = cg < C_OUT_G
+        g = tl.load((dy_ptr + img64 * sdn + oh * sdh + ow * sdw)[:, None] + (co * sdc)[None, :],
+                    mask=row_ok[:, None] & co_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + (co * swo)[:, None] + (rn * swi)[None, :] + kh * swh + kw * sww,
+                     mask=co_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _mma(g, wt, acc, INPUT_PRECISION, DOT_IN_FP64)
     out_mask = m_ok[:, None] & n_ok[None, :]
     o_ptrs = out_ptr + (img64 * son + ih * soh + iw * sow)[:, None] + (ci * soc)[None, :]
     if PROLOGUE:
