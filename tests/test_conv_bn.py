@@ -421,7 +421,7 @@ kernels = (
     (k._bn_stats_finalize_kernel, dict(UPDATE_RUNNING=True, BLOCK_C=128)),
     (k._conv_bn_wgrad_kernel, geo),
     (k._conv_bn_dgrad_kernel, geo),
-    (k._bn_input_grad_kernel, dict(TRAINING=True, CHANNELS_LAST=True, BLOCK=1024)),
+    (k._bn_input_grad_kernel, dict(TRAINING=True, CHANNELS_LAST=True, INDEX64=False, BLOCK_R=32, BLOCK_I=64)),
     (k._tail_fwd_kernel, tail),
     (k._tail_bwd_reduce_kernel, tail),
     (k._tail_bwd_elementwise_kernel, dict(tail, WRITE_Y=True, WRITE_R=True, TRAINING=True, RES_TRAINING=True)),

@@ -20,7 +20,7 @@ from resfused.triton_kernels import bn_add_relu as bn
 from resfused.triton_kernels import conv_bn as cb
 from resfused.triton_kernels.bn_add_relu import _shift_offset, _tile_index
 from resfused.triton_kernels.conv_bias_act import _gemm_tile, _pixel, index64
-from resfused.triton_kernels.conv_bn import _element_offset, _partial_offset, _tail_tile
+from resfused.triton_kernels.conv_bn import _partial_offset, _tail_offset, _tail_tile
 
 pytestmark = pytest.mark.skipif(not bn._INTERPRET, reason="the probes run in Triton's interpreter")
 
@@ -232,42 +232,30 @@ def test_pixel_decode_past_2_31_per_plane():
 
 
 @triton.jit
-def _element_offset_probe(out_ptr, start, C, H, W, sn, sc, sh, sw, CHANNELS_LAST: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    off, c = _element_offset(start + tl.arange(0, BLOCK).to(tl.int64), C, H, W, sn, sc, sh, sw, CHANNELS_LAST)
-    tl.store(out_ptr + tl.arange(0, BLOCK), off)
-    tl.store(out_ptr + BLOCK + tl.arange(0, BLOCK), c.to(tl.int64))
+def _tail_offset_probe(out_ptr, r0, I, BLOCK: tl.constexpr):
+    rr = r0 + tl.arange(0, BLOCK)
+    ri = I - BLOCK + tl.arange(0, BLOCK)
+    off = _tail_offset(rr, ri, I)
+    tl.store(out_ptr + tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :], off)
 
 
-def _decode(i, shape, channels_last):
+@pytest.mark.parametrize("shape,channels_last", [((2, 2**10, 2**11, 2**11 + 3), False),
+                                                 ((2, 2**11 + 3, 2**10, 2**11), True)],
+                         ids=["nchw", "channels_last"])
+def test_tail_offsets_past_2_31(shape, channels_last):
+    """The tail kernels' and conv_bn backward's grad_x kernel's flat offsets (_tail_offset) in the (R, I) row view
+    of a dense (N, C, H, W) tensor of 2^33 + elements, at rows deep inside sample 1 (int32 rows: the offset is
+    row * I + column in int64)."""
     n_, c_, h_, w_ = shape
-    if channels_last:
-        return i // (h_ * w_ * c_), i % c_, (i // (w_ * c_)) % h_, (i // c_) % w_
-    return i // (c_ * h_ * w_), (i // (h_ * w_)) % c_, (i // w_) % h_, i % w_
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_bn_input_grad_offsets_past_2_31_per_sample(channels_last):
-    """conv_bn backward's elementwise grad_x kernel: positions in sample 1 of (2, 2^10, 2^11, 2^11 + 3) (2^32 +
-    elements per sample) decoded into offsets through x's strides (here a sliced x: every other row)."""
-    shape = (2, 2**10, 2**11, 2**11 + 3)
-    n_, c_, h_, w_ = shape
-    if channels_last:
-        strides = (2 * h_ * w_ * c_, 1, 2 * w_ * c_, c_)
-    else:
-        strides = (c_ * 2 * h_ * w_, 2 * h_ * w_, 2 * w_, 1)
-    per_sample = c_ * h_ * w_
+    rows, inner = (n_ * h_ * w_, c_) if channels_last else (n_ * c_, h_ * w_)
     block = 16
-    start = per_sample + per_sample // 2 + 7  # deep inside sample 1
-    out = torch.empty(2 * block, dtype=torch.int64)
-    _element_offset_probe[(1,)](out, start, c_, h_, w_, *strides, CHANNELS_LAST=channels_last, BLOCK=block)
-    want_off, want_c = [], []
-    for i in range(start, start + block):
-        idx = _decode(i, shape, channels_last)
-        want_off.append(sum(a * b for a, b in zip(idx, strides)))
-        want_c.append(idx[1])
-    assert out[:block].tolist() == want_off and out[block:].tolist() == want_c
-    assert min(want_off) >= BIG
+    r0 = rows // 2 + rows // 4 + 5
+    assert r0 + block < BIG  # rows fit int32; their offsets do not
+    out = torch.empty(block * block, dtype=torch.int64)
+    _tail_offset_probe[(1,)](out, r0, inner, BLOCK=block)
+    want = [(r0 + i) * inner + inner - block + j for i in range(block) for j in range(block)]
+    assert out.tolist() == want
+    assert min(want) >= BIG
 
 
 _BN_COMPILE_SCRIPT = r"""

@@ -32,7 +32,8 @@ Backward (three kernels and a torch.sum):
     writes gz in x's dtype and per-tile partial sums of gz and gz * xhat from the fp32 accumulator (the dBN
     reductions; no atomics);
   * torch.sum adds the partials (a parallel, deterministic reduction): grad of the prologue BN's weight and bias;
-  * _bn_input_grad_kernel: grad_x = w * invstd * (gz - mean(gz) - xhat * mean(gz * xhat)) elementwise.
+  * _bn_input_grad_kernel: grad_x = w * invstd * (gz - mean(gz) - xhat * mean(gz * xhat)) elementwise, over
+    the tail kernels' (rows, columns) tiles (flat offsets; per-channel vectors loaded once per tile).
 
 Passes over memory per conv, training (activations only; w is small):
   forward   read x (once per N-tile of C_out), write y; partials 2 * T * C_out * 4 bytes (1/_STATS_M of y in fp32).
@@ -490,40 +491,24 @@ def _conv_bn_dgrad_kernel(
 
 
 @triton.jit
-def _element_offset(offs, C, H, W, sn, sc, sh, sw, CHANNELS_LAST: tl.constexpr):
-    """(offset, channel) of the elements at int64 positions offs in memory order (NHWC if CHANNELS_LAST, else
-    NCHW) of an (N, C, H, W) tensor with strides (sn, sc, sh, sw). The plane and sample sizes offs is divided by
-    are int64 too: one sample may hold 2^31 elements."""
-    c64 = tl.cast(C, tl.int64)
-    if CHANNELS_LAST:
-        c = offs % C
-        w_ = (offs // C) % W
-        h = (offs // (c64 * W)) % H
-        n = offs // (c64 * W * H)
-    else:
-        w_ = offs % W
-        h = (offs // W) % H
-        c = (offs // (tl.cast(W, tl.int64) * H)) % C
-        n = offs // (tl.cast(W, tl.int64) * H * C)
-    return n * sn + c * sc + h * sh + w_ * sw, c
-
-
-@triton.jit
 def _bn_input_grad_kernel(gz_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, sum_g_ptr, sum_gx_ptr, out_ptr,
-                          TOTAL, C, H, W, sn, sc, sh, sw, inv_n,
-                          TRAINING: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    """grad_x = w * invstd * (gz - sum_g / n - xhat * sum_gx / n) (training) or w * invstd * gz, elementwise in
-    memory order; gz, x and grad_x share x's strides."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < TOTAL
-    off, c = _element_offset(offs, C, H, W, sn, sc, sh, sw, CHANNELS_LAST)
+                          R, I, C, inv_n,
+                          TRAINING: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX64: tl.constexpr,
+                          NCHW_ONCE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    """grad_x = w * invstd * (gz - sum_g / n - xhat * sum_gx / n) (training) or w * invstd * gz, over x's dense
+    (R, I) row view (_tail_geometry: gz, x and grad_x are dense in x's memory format): flat offsets, the channel
+    of a row (NCHW) or a column (channels_last), its per-channel vectors loaded once per tile (_tail_vec)."""
+    _, _, rr, ri = _tail_tile(R, I, BLOCK_R, BLOCK_I, INDEX64)
+    ok = (rr < R)[:, None] & (ri < I)[None, :]
+    off = _tail_offset(rr, ri, I)
+    inv = _tail_vec(invstd_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
+    k = _tail_vec(weight_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE) * inv
     gz = tl.load(gz_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    k = tl.load(weight_ptr + c, mask=ok, other=0.0) * tl.load(invstd_ptr + c, mask=ok, other=0.0)
     if TRAINING:
         xv = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        xhat = (xv - tl.load(mean_ptr + c, mask=ok, other=0.0)) * tl.load(invstd_ptr + c, mask=ok, other=0.0)
-        sg = tl.load(sum_g_ptr + c, mask=ok, other=0.0)
-        sgx = tl.load(sum_gx_ptr + c, mask=ok, other=0.0)
+        xhat = (xv - _tail_vec(mean_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)) * inv
+        sg = _tail_vec(sum_g_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
+        sgx = _tail_vec(sum_gx_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
         dx = k * (gz - sg * inv_n - xhat * sgx * inv_n)
     else:
         dx = k * gz
@@ -540,7 +525,6 @@ else:
 # sm_90, at 8 none (198-209 registers). BLOCK_M, the dgrad statistics tile, is the same: the partials' grouping
 # depends on the shape and layout only.
 _BWD_NCHW_WARPS = 8
-_ELEMENTWISE_BLOCK = 1024
 
 
 def backward(grad_y: Tensor, x: Tensor, weight: Tensor, in_mean: Optional[Tensor], in_invstd: Optional[Tensor],
@@ -625,12 +609,12 @@ def _backward(grad_y, x, weight, in_mean, in_invstd, in_weight, in_bias, groups,
     if need_affine:
         grad_in_w, grad_in_b = sum_gx, sum_g
     if need_input_grad:
-        grad_x = torch.empty_like(x)
-        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        _bn_input_grad_kernel[(triton.cdiv(x.numel(), _ELEMENTWISE_BLOCK),)](
-            out, x, in_mean, in_invstd, in_weight, sum_g, sum_gx, grad_x,
-            x.numel(), c_in, h, w, *x.stride(), 1.0 / mi,
-            TRAINING=bool(in_training), CHANNELS_LAST=channels_last, BLOCK=_ELEMENTWISE_BLOCK)
+        grad_x = torch.empty_like(x)  # x is dense (ops/conv_bn.py), so are gz and grad_x, in x's format
+        rows, inner, channels_last = _tail_geometry(x)
+        _bn_input_grad_kernel[_tail_grid(rows, inner, _TAIL)[0]](
+            out, x, in_mean, in_invstd, in_weight, sum_g, sum_gx, grad_x, rows, inner, c_in, 1.0 / mi,
+            TRAINING=bool(in_training), CHANNELS_LAST=channels_last, INDEX64=index64(x),
+            NCHW_ONCE=_nchw_once(inner), **_TAIL)
     return grad_x, grad_weight, grad_in_w, grad_in_b
 
 
@@ -656,6 +640,12 @@ def _tail_tile(R, I, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, INDEX64: tl.c
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     ri = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     return pid_r, pid_i, rr, ri
+
+
+@triton.jit
+def _tail_offset(rr, ri, I):
+    """Flat offsets of a tile of the (R, I) row view: row * I + column, in int64 (R * I may pass 2^31)."""
+    return rr.to(tl.int64)[:, None] * I + ri[None, :]
 
 
 @triton.jit
@@ -689,7 +679,7 @@ def _tail_fwd_kernel(y_ptr, r_ptr, out_ptr, mask_ptr, mean_ptr, scale_ptr, bias_
     _, pid_i, rr, ri = _tail_tile(R, I, BLOCK_R, BLOCK_I, INDEX64)
     r_ok = rr < R
     ok = r_ok[:, None] & (ri < I)[None, :]
-    off = rr.to(tl.int64)[:, None] * I + ri[None, :]
+    off = _tail_offset(rr, ri, I)
     mu = _tail_vec(mean_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
     scale = _tail_vec(scale_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
     z = (tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32) - mu) * scale
@@ -727,7 +717,7 @@ def _tail_bwd_reduce_kernel(g_ptr, mask_ptr, y_ptr, r_ptr, mean_ptr, invstd_ptr,
     rows into a (row tiles, C) buffer; NCHW programs reduce over columns into a (column tiles, R) buffer."""
     pid_r, pid_i, rr, ri = _tail_tile(R, I, BLOCK_R, BLOCK_I, INDEX64)
     ok = (rr < R)[:, None] & (ri < I)[None, :]
-    off = rr.to(tl.int64)[:, None] * I + ri[None, :]
+    off = _tail_offset(rr, ri, I)
     gz = _tail_gz(g_ptr, mask_ptr, rr, ri, ok, off, NB)
     mu = _tail_vec(mean_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE)
     xh = tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32) - mu
@@ -762,7 +752,7 @@ def _tail_bwd_elementwise_kernel(g_ptr, mask_ptr, y_ptr, r_ptr, gy_out_ptr, gr_o
                                  BLOCK_I: tl.constexpr):
     _, _, rr, ri = _tail_tile(R, I, BLOCK_R, BLOCK_I, INDEX64)
     ok = (rr < R)[:, None] & (ri < I)[None, :]
-    off = rr.to(tl.int64)[:, None] * I + ri[None, :]
+    off = _tail_offset(rr, ri, I)
     gz = _tail_gz(g_ptr, mask_ptr, rr, ri, ok, off, NB)
     if TRAINING or RES_TRAINING:
         sg = _tail_vec(sum_g_ptr, rr, ri, C, R, I, ok, CHANNELS_LAST, NCHW_ONCE) * inv_n
