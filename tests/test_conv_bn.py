@@ -1010,3 +1010,16 @@ def test_fused_block_checks_each_bns_eps_as_stock(which, training):
         block(x)
     for k, v in block.state_dict().items():
         assert torch.equal(v, state[k]), f"{k} changed on a rejected eps"
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend is not usable here")
+def test_triton_backward_refuses_a_non_dense_x():
+    """The Triton backward walks x, gz and grad_x as one dense row view: a strided x (the op layer copies one
+    first) is refused before any launch, not read through the wrong offsets."""
+    from resfused.triton_kernels import conv_bn as tk
+
+    x = torch.randn(2, 8, 6, 10, device=DEVICE)[..., ::2]
+    w = torch.randn(4, 8, 3, 3, device=DEVICE)
+    gy = torch.randn(2, 4, 6, 5, device=DEVICE)
+    with pytest.raises(ValueError, match="contiguous or channels_last"):
+        tk.backward(gy, x, w, None, None, None, None, (1, 1), (1, 1), (1, 1), 1, False, True, True, True, False)

@@ -537,6 +537,10 @@ def backward(grad_y: Tensor, x: Tensor, weight: Tensor, in_mean: Optional[Tensor
     """
     if x.dtype not in _DTYPES:
         raise TypeError(f"the triton conv_bn supports float32, float16 and bfloat16, got {x.dtype}")
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        # grad_x's kernel walks x, gz and grad_x as one dense row view (_tail_geometry)
+        raise ValueError("the triton conv_bn backward needs x contiguous or channels_last (ops/conv_bn.py makes it "
+                         f"so), got strides {x.stride()}")
     kh, kw = weight.shape[2:]
     cfg = dict(_BWD)
     if "num_warps" in cfg and x.stride(1) != 1:
@@ -609,7 +613,7 @@ def _backward(grad_y, x, weight, in_mean, in_invstd, in_weight, in_bias, groups,
     if need_affine:
         grad_in_w, grad_in_b = sum_gx, sum_g
     if need_input_grad:
-        grad_x = torch.empty_like(x)  # x is dense (ops/conv_bn.py), so are gz and grad_x, in x's format
+        grad_x = torch.empty_like(x)  # dense in x's memory format, as gz (out)
         rows, inner, channels_last = _tail_geometry(x)
         _bn_input_grad_kernel[_tail_grid(rows, inner, _TAIL)[0]](
             out, x, in_mean, in_invstd, in_weight, sum_g, sum_gx, grad_x, rows, inner, c_in, 1.0 / mi,
